@@ -1,0 +1,44 @@
+# One entry point for people and CI. Every target installs what it needs by itself.
+VENV        ?= .venv
+PYTHON      ?= python3
+export DSM_CACHE_DIR ?= $(HOME)/.cache/dsm
+
+.PHONY: help deps postgres k8s test test-fast lint up bench clean
+
+help:
+	@echo "make up      run a local 3-node cluster on an embedded PostgreSQL (Ctrl-C stops it)"
+	@echo "make test    install everything needed and run the whole test suite"
+	@echo "make lint    ruff and mypy"
+	@echo "make bench   job-pool throughput against pgqueuer and procrastinate"
+
+$(VENV)/.installed: pyproject.toml
+	@hack/bootstrap-python.sh "$(VENV)" "$(PYTHON)"
+
+deps: $(VENV)/.installed postgres
+
+postgres:
+	@hack/install-postgres.sh
+
+k8s:
+	@hack/k8s/build.sh
+
+test: deps k8s
+	$(VENV)/bin/pytest
+
+test-fast: deps
+	$(VENV)/bin/pytest -m "not cluster and not e2e"
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+up: deps
+	$(VENV)/bin/dsm up
+
+bench: deps
+	@hack/bootstrap-python.sh "$(VENV)" "$(PYTHON)" bench
+	$(VENV)/bin/python -m bench.throughput
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
