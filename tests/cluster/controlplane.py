@@ -1,0 +1,536 @@
+"""A real Kubernetes control plane on 127.0.0.1, run as plain processes, for the cluster test tier.
+
+Why: an operator breaks where mocks are silent -- CRD schema and CEL validation, server-side defaults,
+watches, status and scale subresources, finalizers, the StatefulSet controller's ordering. No Docker
+engine runs on our machines, so instead of kind we run the programs controller-runtime's envtest runs,
+built from source by ``hack/k8s/build.sh``: etcd and kube-apiserver always; kube-controller-manager,
+kube-scheduler and kwok (a node simulator, so pods get scheduled and turn Ready without a kubelet) when a
+test needs workloads.
+
+Shape: :class:`ControlPlane` owns a working directory (certificates, etcd data, one log file per
+component, an admin kubeconfig) and the processes. Every listener is on 127.0.0.1 at a port picked free
+at start; pods on the fake node get 127.1.x.y addresses and Services 127.2.x.y, so nothing a test finds
+in the API points outside loopback. Start-up waits on each component's health endpoint with a deadline
+and, if a component dies or never turns healthy, raises :class:`ComponentFailed` with its log tail.
+
+The pytest fixtures live in ``plugin.py``; this module has no pytest dependency so that other tools
+(a debugging script, e2e tests) can drive it directly.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import ctypes
+import ctypes.util
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+
+from tests.cluster import certificates
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+VERSIONS_FILE = REPO_ROOT / "hack" / "k8s" / "versions.env"
+BUILD_SCRIPT = REPO_ROOT / "hack" / "k8s" / "build.sh"
+
+HOST = "127.0.0.1"
+POD_CIDR = "127.1.0.0/16"
+"""Pod addresses handed out by kwok on the fake node: loopback, so dialing a pod IP stays on this host."""
+SERVICE_CIDR = "127.2.0.0/16"
+"""ClusterIP range; loopback and disjoint from :data:`POD_CIDR`. The API server takes the first address."""
+SERVICE_IP = "127.2.0.1"
+FAKE_NODE = "kwok-node-0"
+"""Name of the one simulated node that :meth:`ControlPlane.start_workloads` registers."""
+KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
+
+
+class ComponentFailed(RuntimeError):
+    """A control-plane component exited or did not become healthy in time (message has its log tail)."""
+
+
+def cache_dir() -> Path:
+    """Where hack/k8s/build.sh keeps binaries: ``$DSM_CACHE_DIR`` or ``~/.cache/dsm``."""
+    return Path(os.environ.get("DSM_CACHE_DIR") or Path.home() / ".cache" / "dsm")
+
+
+def read_versions(path: Path = VERSIONS_FILE) -> dict[str, str]:
+    """Parse ``hack/k8s/versions.env`` (KEY=value lines, ``#`` comments)."""
+    versions: dict[str, str] = {}
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            versions[key.strip()] = value.strip()
+    return versions
+
+
+@dataclass(frozen=True)
+class Binaries:
+    """Locations of the built programs, derived from the pinned versions and the cache layout."""
+
+    k8s_version: str
+    kube_apiserver: Path
+    kube_controller_manager: Path
+    kube_scheduler: Path
+    etcd: Path
+    kwok: Path
+    kwok_stages: Path
+    helm: Path
+
+    @classmethod
+    def locate(cls, cache: Path | None = None) -> Binaries:
+        v = read_versions()
+        root = (cache or cache_dir()) / "k8s"
+        k8s_bin = root / v["K8S_VERSION"] / "bin"
+        kwok_dir = root / "tools" / f"kwok-{v['KWOK_VERSION']}"
+        return cls(
+            k8s_version=v["K8S_VERSION"],
+            kube_apiserver=k8s_bin / "kube-apiserver",
+            kube_controller_manager=k8s_bin / "kube-controller-manager",
+            kube_scheduler=k8s_bin / "kube-scheduler",
+            etcd=k8s_bin / "etcd",
+            kwok=kwok_dir / "kwok",
+            kwok_stages=kwok_dir / "stages",
+            helm=root / "tools" / f"helm-{v['HELM_VERSION']}" / "helm",
+        )
+
+    def missing(self) -> list[Path]:
+        """Programs (or the kwok stage directory) that are not there."""
+        programs = [
+            self.kube_apiserver,
+            self.kube_controller_manager,
+            self.kube_scheduler,
+            self.etcd,
+            self.kwok,
+            self.helm,
+        ]
+        gone = [p for p in programs if not os.access(p, os.X_OK)]
+        if not (self.kwok_stages / "pod-ready.yaml").is_file():
+            gone.append(self.kwok_stages)
+        return gone
+
+
+def go_toolchain() -> str | None:
+    """The Go binary build.sh would use, or None when Go is not installed."""
+    return os.environ.get("GO") or shutil.which("go") or (
+        "/usr/local/go/bin/go" if os.access("/usr/local/go/bin/go", os.X_OK) else None
+    )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _die_with_parent() -> None:
+    """Run in the child before exec: get SIGKILL when pytest dies, so no component outlives a run."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+@dataclass
+class Component:
+    """One process with its own log file."""
+
+    name: str
+    argv: list[str]
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    _log: IO[bytes] | None = field(default=None, repr=False)
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = self.log_path.open("ab")
+        self._log.write(f"$ {' '.join(self.argv)}\n".encode())
+        self._log.flush()
+        self.process = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, grace: float = 10.0) -> None:
+        proc = self.process
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return "(no log file)"
+        return "\n".join(text.splitlines()[-lines:])
+
+
+class ControlPlane:
+    """etcd + kube-apiserver, and on request kube-controller-manager, kube-scheduler and kwok.
+
+    Use as a context manager or call :meth:`start` / :meth:`stop`. After :meth:`start`,
+    :attr:`kubeconfig` is an admin kubeconfig (client certificate in ``system:masters``, data embedded, so
+    it can be copied) that kubectl, helm, kopf and the Python client accept.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        binaries: Binaries | None = None,
+        *,
+        start_timeout: float = 60.0,
+    ) -> None:
+        self.workdir = workdir
+        self.binaries = binaries or Binaries.locate()
+        self.start_timeout = start_timeout
+        self.kubeconfig = workdir / "admin.kubeconfig"
+        self.log_dir = workdir / "logs"
+        self.components: dict[str, Component] = {}
+        self.apiserver_port = 0
+        self.workloads_running = False
+        self.timings: dict[str, float] = {}
+        """Seconds from start to ready per phase, for the report in the test summary."""
+        self._pki: certificates.Files | None = None
+
+    # -- public ---------------------------------------------------------------------------------------
+
+    @property
+    def server(self) -> str:
+        return f"https://{HOST}:{self.apiserver_port}"
+
+    def start(self) -> None:
+        """Start etcd and the API server; return once ``/readyz`` answers ok."""
+        t0 = time.monotonic()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._pki = certificates.generate(self.workdir / "pki", service_ip=SERVICE_IP)
+        etcd_client, etcd_peer = free_port(), free_port()
+        etcd = self._spawn(
+            "etcd",
+            [
+                str(self.binaries.etcd),
+                "--name=dsm-test",
+                f"--data-dir={self.workdir / 'etcd'}",
+                f"--listen-client-urls=http://{HOST}:{etcd_client}",
+                f"--advertise-client-urls=http://{HOST}:{etcd_client}",
+                f"--listen-peer-urls=http://{HOST}:{etcd_peer}",
+                f"--initial-advertise-peer-urls=http://{HOST}:{etcd_peer}",
+                f"--initial-cluster=dsm-test=http://{HOST}:{etcd_peer}",
+                "--unsafe-no-fsync",  # throw-away data: durability costs seconds per test run
+                "--log-level=warn",
+            ],
+        )
+        self._wait(etcd, lambda: _http_ok(HOST, etcd_client, "/health", None))
+
+        self.apiserver_port = free_port()
+        pki = self._pki
+        apiserver = self._spawn(
+            "kube-apiserver",
+            [
+                str(self.binaries.kube_apiserver),
+                f"--etcd-servers=http://{HOST}:{etcd_client}",
+                f"--bind-address={HOST}",
+                f"--advertise-address={HOST}",
+                f"--secure-port={self.apiserver_port}",
+                f"--cert-dir={self.workdir / 'apiserver-certs'}",
+                f"--tls-cert-file={pki.serving_cert}",
+                f"--tls-private-key-file={pki.serving_key}",
+                f"--client-ca-file={pki.ca_cert}",
+                "--authorization-mode=RBAC",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                f"--service-account-issuer={self.server}",
+                f"--service-account-key-file={pki.service_account_pub}",
+                f"--service-account-signing-key-file={pki.service_account_key}",
+                "--allow-privileged=true",
+                # The 127.0.0.1 advertise address is a loopback endpoint, which Endpoints validation
+                # refuses; nothing in-cluster dials the kubernetes Service here, so skip reconciling it.
+                "--endpoint-reconciler-type=none",
+                "--v=1",
+            ],
+        )
+        ctx = self._client_tls()
+        self._wait(apiserver, lambda: _http_ok(HOST, self.apiserver_port, "/readyz", ctx))
+        self._write_kubeconfig()
+        self.timings["apiserver_ready_s"] = time.monotonic() - t0
+
+    def start_workloads(self) -> None:
+        """Add the controller manager, the scheduler and kwok with one Ready fake node (idempotent)."""
+        if self.workloads_running:
+            return
+        if self._pki is None:
+            raise RuntimeError("start() the control plane first")
+        t0 = time.monotonic()
+        pki = self._pki
+        kc = str(self.kubeconfig)
+        cm_port, sched_port = free_port(), free_port()
+        cm = self._spawn(
+            "kube-controller-manager",
+            [
+                str(self.binaries.kube_controller_manager),
+                f"--kubeconfig={kc}",
+                f"--authentication-kubeconfig={kc}",
+                f"--authorization-kubeconfig={kc}",
+                f"--bind-address={HOST}",
+                f"--secure-port={cm_port}",
+                f"--cert-dir={self.workdir / 'controller-manager-certs'}",
+                f"--service-account-private-key-file={pki.service_account_key}",
+                f"--root-ca-file={pki.ca_cert}",
+                f"--cluster-signing-cert-file={pki.ca_cert}",
+                f"--cluster-signing-key-file={pki.ca_key}",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--use-service-account-credentials",
+                "--leader-elect=false",
+                "--v=1",
+            ],
+        )
+        scheduler = self._spawn(
+            "kube-scheduler",
+            [
+                str(self.binaries.kube_scheduler),
+                f"--kubeconfig={kc}",
+                f"--authentication-kubeconfig={kc}",
+                f"--authorization-kubeconfig={kc}",
+                f"--bind-address={HOST}",
+                f"--secure-port={sched_port}",
+                f"--cert-dir={self.workdir / 'scheduler-certs'}",
+                "--leader-elect=false",
+                "--v=1",
+            ],
+        )
+        stages = sorted(str(p) for p in self.binaries.kwok_stages.glob("*.yaml"))
+        kwok = self._spawn(
+            "kwok",
+            [
+                str(self.binaries.kwok),
+                f"--kubeconfig={kc}",
+                *(f"--config={s}" for s in stages),
+                "--manage-all-nodes=false",
+                f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake",
+                f"--cidr={POD_CIDR}",
+                f"--node-ip={HOST}",
+                f"--server-address={HOST}:{free_port()}",
+                "--node-lease-duration-seconds=40",
+                "-v=INFO",
+            ],
+        )
+        insecure = ssl.create_default_context()
+        insecure.check_hostname = False
+        insecure.verify_mode = ssl.CERT_NONE  # self-signed serving certs of the components' healthz
+        self._wait(cm, lambda: _http_ok(HOST, cm_port, "/healthz", insecure))
+        self._wait(scheduler, lambda: _http_ok(HOST, sched_port, "/healthz", insecure))
+        self._register_fake_node()
+        self._wait(kwok, self._fake_node_ready)
+        self.workloads_running = True
+        self.timings["workloads_ready_s"] = time.monotonic() - t0
+
+    def stop(self) -> None:
+        """Stop every component, newest first; logs and the working directory stay for inspection."""
+        for component in reversed(list(self.components.values())):
+            component.stop()
+        self.workloads_running = False
+
+    def api_client(self) -> Any:
+        """A new ``kubernetes.client.ApiClient`` for the admin kubeconfig (caller closes it)."""
+        from kubernetes import config  # imported late: plain users of this module need not have it
+
+        return config.new_client_from_config(config_file=str(self.kubeconfig))
+
+    def log_files(self) -> dict[str, Path]:
+        return {name: c.log_path for name, c in self.components.items()}
+
+    def log_tails(self, lines: int = 40) -> dict[str, str]:
+        return {name: c.log_tail(lines) for name, c in self.components.items()}
+
+    def dead_components(self) -> list[str]:
+        return [name for name, c in self.components.items() if not c.running]
+
+    def __enter__(self) -> ControlPlane:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- internals ------------------------------------------------------------------------------------
+
+    def _spawn(self, name: str, argv: Sequence[str]) -> Component:
+        component = Component(name, list(argv), self.log_dir / f"{name}.log")
+        self.components[name] = component
+        component.start()
+        return component
+
+    def _wait(self, component: Component, ready: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        delay = 0.05
+        while True:
+            if not component.running:
+                code = component.process.returncode if component.process else None
+                raise ComponentFailed(
+                    f"{component.name} exited with code {code} during start-up; "
+                    f"log {component.log_path}:\n{component.log_tail()}"
+                )
+            if ready():
+                return
+            if time.monotonic() > deadline:
+                raise ComponentFailed(
+                    f"{component.name} not healthy after {self.start_timeout:.0f} s; "
+                    f"log {component.log_path}:\n{component.log_tail()}"
+                )
+            time.sleep(delay)  # polling a health endpoint: there is nothing to wait on instead
+            delay = min(delay * 1.5, 0.5)
+
+    def _client_tls(self) -> ssl.SSLContext:
+        assert self._pki is not None
+        ctx = ssl.create_default_context(cafile=str(self._pki.ca_cert))
+        ctx.load_cert_chain(str(self._pki.admin_cert), str(self._pki.admin_key))
+        return ctx
+
+    def _write_kubeconfig(self) -> None:
+        assert self._pki is not None
+
+        def b64(p: Path) -> str:
+            return base64.b64encode(p.read_bytes()).decode()
+
+        doc = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {
+                    "name": "dsm-test",
+                    "cluster": {
+                        "server": self.server,
+                        "certificate-authority-data": b64(self._pki.ca_cert),
+                    },
+                }
+            ],
+            "users": [
+                {
+                    "name": "dsm-test-admin",
+                    "user": {
+                        "client-certificate-data": b64(self._pki.admin_cert),
+                        "client-key-data": b64(self._pki.admin_key),
+                    },
+                }
+            ],
+            "contexts": [
+                {
+                    "name": "dsm-test",
+                    "context": {"cluster": "dsm-test", "user": "dsm-test-admin"},
+                }
+            ],
+            "current-context": "dsm-test",
+        }
+        self.kubeconfig.write_text(yaml.safe_dump(doc, sort_keys=False))
+        self.kubeconfig.chmod(0o600)
+
+    def _request(self, method: str, path: str, body: object | None = None) -> tuple[int, Any]:
+        """A tiny admin REST call, so start-up does not depend on the Python client's behaviour."""
+        conn = http.client.HTTPSConnection(HOST, self.apiserver_port, context=self._client_tls())
+        try:
+            payload = None if body is None else json.dumps(body).encode()
+            headers = {"Accept": "application/json", "Content-Type": "application/json"}
+            conn.request(method, path, body=payload, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+            return resp.status, json.loads(data) if data else None
+        finally:
+            conn.close()
+
+    def _register_fake_node(self) -> None:
+        node = {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": FAKE_NODE,
+                "annotations": {KWOK_NODE_ANNOTATION: "fake"},
+                "labels": {
+                    "kubernetes.io/hostname": FAKE_NODE,
+                    "kubernetes.io/os": "linux",
+                    "kubernetes.io/arch": "amd64",
+                    "type": "kwok",
+                },
+            },
+            "spec": {"podCIDR": POD_CIDR, "podCIDRs": [POD_CIDR]},
+        }
+        status, reply = self._request("POST", "/api/v1/nodes", node)
+        if status not in (201, 409):
+            raise ComponentFailed(f"registering fake node {FAKE_NODE} failed: HTTP {status} {reply}")
+
+    def _fake_node_ready(self) -> bool:
+        status, node = self._request("GET", f"/api/v1/nodes/{FAKE_NODE}")
+        if status != 200:
+            return False
+        conditions = (node.get("status") or {}).get("conditions") or []
+        return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+def _http_ok(host: str, port: int, path: str, tls: ssl.SSLContext | None) -> bool:
+    conn: http.client.HTTPConnection
+    if tls is None:
+        conn = http.client.HTTPConnection(host, port, timeout=2)
+    else:
+        conn = http.client.HTTPSConnection(host, port, timeout=2, context=tls)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status == 200
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
+def running(workdir: Path, *, workloads: bool = False) -> Iterator[ControlPlane]:
+    """``with running(path, workloads=True) as cp:`` -- a control plane for scripts and debugging."""
+    with ControlPlane(workdir) as cp:
+        if workloads:
+            cp.start_workloads()
+        yield cp
+
+
+if __name__ == "__main__":
+    # Manual use: python -m tests.cluster.controlplane [workdir] -- start everything, print the
+    # kubeconfig path, wait for Ctrl-C.
+    import tempfile
+
+    where = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp(prefix="dsm-k8s-"))
+    started = time.monotonic()
+    with running(where, workloads=True) as plane:
+        print(f"ready in {time.monotonic() - started:.1f} s {plane.timings}")
+        print(f"export KUBECONFIG={plane.kubeconfig}\nlogs: {plane.log_dir}\nCtrl-C stops it")
+        with contextlib.suppress(KeyboardInterrupt):
+            signal.pause()
