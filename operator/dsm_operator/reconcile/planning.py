@@ -1,0 +1,280 @@
+"""The launch, scale and rollout planner: given what is observed, the one next step.
+
+Pure and level-based: ``plan`` looks only at the world as it is now (the StatefulSet, its pods,
+what the managers report) and returns a single action. Nothing depends on remembering what the
+previous pass did, so an operator restart in the middle of an upgrade simply resumes: the pods
+still on the old revision are the work left. Every action is safe to repeat.
+
+The rules, in order (first match wins):
+
+1. Nothing to do while paused, while the StatefulSet controller has not seen the latest spec, or
+   while a pod is terminating or missing (the controller is still acting on the last step).
+2. Scale down before anything else, one ordinal at a time, highest first (the StatefulSet
+   controller removes the highest ordinal when ``replicas`` drops by one).
+3. Roll out: while a pod runs an outdated revision, replace one pod at a time. The gate is the
+   *updated* pods only: they must all be Ready before the next deletion. Outdated pods are
+   expected to be unready during an upgrade (``Offline (Upgrade Required)``) and must not block
+   it -- that is where a native rolling update stalls. Outdated pods that are not Ready go first
+   (they serve nothing, and kubernetes#67250 says nobody else will replace them), then the
+   lowest ordinal.
+4. Scale up, one pod at a time, only when every pod is Ready: never two nodes starting together.
+5. A pod that stays unready longer than ``spec.nodeReadyTimeoutSeconds`` during a launch or a
+   rollout stalls it: no further pod is touched, and the result says so (Degraded).
+
+Decommissioning is planned beside the pod action (it touches no pod): nodes of this resource
+whose ordinal is no longer wanted, whose pod is gone, and that the managers report offline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import enum
+from collections.abc import Mapping, Sequence
+
+from dsm_operator.reconcile import names
+
+
+@dataclasses.dataclass(frozen=True)
+class PodState:
+    """One node pod as observed."""
+
+    name: str
+    ordinal: int
+    revision: str | None
+    ready: bool
+    terminating: bool = False
+    created_at: datetime.datetime | None = None
+    ip: str | None = None
+    version: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SetState:
+    """The StatefulSet as observed."""
+
+    replicas: int
+    update_revision: str | None
+    observed: bool = True
+    """Whether ``status.observedGeneration`` caught up with ``metadata.generation``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+    desired: int
+    paused: bool
+    ready_timeout: datetime.timedelta
+    now: datetime.datetime
+    statefulset: SetState | None
+    pods: Sequence[PodState] = ()
+    node_statuses: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """Status of each node as the managers report it; empty when no manager answered."""
+
+
+class Kind(enum.StrEnum):
+    WAIT = "Wait"
+    IDLE = "Idle"
+    SCALE_UP = "ScaleUp"
+    SCALE_DOWN = "ScaleDown"
+    REPLACE_POD = "ReplacePod"
+    STALLED = "Stalled"
+
+
+class Reason(enum.StrEnum):
+    """Why the planner chose its action; reused as condition reasons (one CamelCase word)."""
+
+    PAUSED = "Paused"
+    CREATING = "Creating"
+    STATEFULSET_PENDING = "StatefulSetPending"
+    POD_TERMINATING = "PodTerminating"
+    POD_PENDING = "PodPending"
+    NODE_STARTING = "NodeStarting"
+    SCALING_UP = "ScalingUp"
+    SCALING_DOWN = "ScalingDown"
+    ROLLING_OUT = "RollingOut"
+    LAUNCH_STALLED = "LaunchStalled"
+    ROLLOUT_STALLED = "RolloutStalled"
+    RECONCILED = "Reconciled"
+
+
+@dataclasses.dataclass(frozen=True)
+class Action:
+    kind: Kind
+    reason: Reason
+    message: str
+    replicas: int | None = None
+    """The StatefulSet replica count to set (SCALE_UP, SCALE_DOWN)."""
+    pod: str | None = None
+    """The pod to delete (REPLACE_POD) or the pod that stalls (STALLED)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    action: Action
+    decommission: tuple[str, ...] = ()
+    rolling: bool = False
+    """Whether pods on an outdated revision remain (a rollout is under way)."""
+    pending: tuple[str, ...] = ()
+    """Outdated pods in the order they will be replaced."""
+
+
+def initial_replicas(desired: int) -> int:
+    """A new StatefulSet starts with one pod whatever ``spec.nodes`` says."""
+    return min(desired, 1)
+
+
+def replacement_order(pods: Sequence[PodState], update_revision: str | None) -> list[PodState]:
+    """Outdated pods, unready ones first, then by ordinal (lowest first).
+
+    Lowest-first makes the upgraded nodes the low ordinals, so a scale-down in the middle of an
+    upgrade removes old-version nodes (which are offline anyway) and keeps the new ones.
+    """
+    outdated = [p for p in pods if not p.terminating and p.revision != update_revision]
+    return sorted(outdated, key=lambda p: (p.ready, p.ordinal))
+
+
+def _stalled(pod: PodState, world: World) -> bool:
+    if pod.ready or pod.created_at is None:
+        return False
+    return world.now - pod.created_at > world.ready_timeout
+
+
+def decommission_candidates(world: World, cr_name: str) -> tuple[str, ...]:
+    """Nodes of this resource that were scaled away and are now offline."""
+    if world.statefulset is None:
+        return ()
+    existing = {p.name for p in world.pods}
+    keep_below = world.statefulset.replicas
+    result = []
+    for node, status in sorted(world.node_statuses.items()):
+        ordinal = names.ordinal_of(cr_name, node)
+        if ordinal is None or ordinal < keep_below or node in existing:
+            continue
+        if status in names.OFFLINE_STATUSES:
+            result.append(node)
+    return tuple(result)
+
+
+def plan(world: World, cr_name: str) -> Plan:
+    """The one next step towards the desired state."""
+    sts = world.statefulset
+    decommission = () if world.paused else decommission_candidates(world, cr_name)
+    if sts is None:
+        return Plan(Action(Kind.WAIT, Reason.CREATING, "creating the StatefulSet"))
+    pending = tuple(p.name for p in replacement_order(world.pods, sts.update_revision))
+    rolling = bool(pending) and sts.update_revision is not None
+
+    def result(action: Action) -> Plan:
+        return Plan(action, decommission=decommission, rolling=rolling, pending=pending)
+
+    if world.paused:
+        return result(Action(Kind.WAIT, Reason.PAUSED, "spec.paused is true; no action taken"))
+    if not sts.observed or sts.update_revision is None:
+        return result(
+            Action(Kind.WAIT, Reason.STATEFULSET_PENDING, "waiting for the StatefulSet controller")
+        )
+    live = [p for p in world.pods if not p.terminating]
+    terminating = [p.name for p in world.pods if p.terminating]
+    if terminating:
+        return result(
+            Action(
+                Kind.WAIT,
+                Reason.POD_TERMINATING,
+                f"waiting for {', '.join(sorted(terminating))} to terminate",
+            )
+        )
+    present = {p.ordinal for p in live}
+    missing = [o for o in range(sts.replicas) if o not in present]
+    if missing:
+        return result(
+            Action(
+                Kind.WAIT,
+                Reason.POD_PENDING,
+                f"waiting for pod {names.pod_name(cr_name, missing[0])} to be created",
+            )
+        )
+
+    # 2. Scale down, highest ordinal first, one at a time.
+    if world.desired < sts.replicas:
+        victim = names.pod_name(cr_name, sts.replicas - 1)
+        return result(
+            Action(
+                Kind.SCALE_DOWN,
+                Reason.SCALING_DOWN,
+                f"removing node {victim} ({sts.replicas} -> {sts.replicas - 1})",
+                replicas=sts.replicas - 1,
+                pod=victim,
+            )
+        )
+
+    # 3. Roll out, one pod at a time, gated on the updated pods only.
+    if rolling:
+        updated_unready = sorted(
+            (p for p in live if p.revision == sts.update_revision and not p.ready),
+            key=lambda p: p.ordinal,
+        )
+        for pod in updated_unready:
+            if _stalled(pod, world):
+                return result(
+                    Action(
+                        Kind.STALLED,
+                        Reason.ROLLOUT_STALLED,
+                        f"node {pod.name} did not become Ready within "
+                        f"{int(world.ready_timeout.total_seconds())}s; the rollout is stopped "
+                        f"with {len(pending)} pod(s) left",
+                        pod=pod.name,
+                    )
+                )
+        if updated_unready:
+            return result(
+                Action(
+                    Kind.WAIT,
+                    Reason.NODE_STARTING,
+                    f"waiting for node {updated_unready[0].name} to become Ready",
+                    pod=updated_unready[0].name,
+                )
+            )
+        victim = pending[0]
+        return result(
+            Action(
+                Kind.REPLACE_POD,
+                Reason.ROLLING_OUT,
+                f"replacing node {victim} ({len(pending)} pod(s) left)",
+                pod=victim,
+            )
+        )
+
+    # 4. Scale up, only when every pod is Ready.
+    unready = sorted((p for p in live if not p.ready), key=lambda p: p.ordinal)
+    for pod in unready:
+        if _stalled(pod, world):
+            return result(
+                Action(
+                    Kind.STALLED,
+                    Reason.LAUNCH_STALLED,
+                    f"node {pod.name} did not become Ready within "
+                    f"{int(world.ready_timeout.total_seconds())}s; no further node is launched",
+                    pod=pod.name,
+                )
+            )
+    if unready:
+        return result(
+            Action(
+                Kind.WAIT,
+                Reason.NODE_STARTING,
+                f"waiting for node {unready[0].name} to become Ready",
+                pod=unready[0].name,
+            )
+        )
+    if world.desired > sts.replicas:
+        newcomer = names.pod_name(cr_name, sts.replicas)
+        return result(
+            Action(
+                Kind.SCALE_UP,
+                Reason.SCALING_UP,
+                f"launching node {newcomer} ({sts.replicas} -> {sts.replicas + 1})",
+                replicas=sts.replicas + 1,
+                pod=newcomer,
+            )
+        )
+    return result(Action(Kind.IDLE, Reason.RECONCILED, "all nodes are Ready"))

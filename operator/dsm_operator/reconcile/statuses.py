@@ -1,0 +1,231 @@
+"""The ``status`` of a DeepSecurityManager, computed from the observed world and the plan.
+
+Pure: the handler passes in what it observed and what it did in this pass; this module decides
+what the status says. The result is compared with the previous status and written only when it
+differs, so a steady resource is never patched.
+
+Rollout progress is derived from the pods (which revision each runs), so it survives an operator
+restart without being trusted blindly: the status records *when* a rollout started, what it went
+from and to, and the last pod replaced -- things the world alone no longer tells.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from dsm_operator.reconcile import conditions, names, planning
+from dsm_operator.reconcile.conditions import Condition, Status, Type
+from dsm_operator.reconcile.specs import ManagerSpec
+
+ROLLOUT_IN_PROGRESS = "InProgress"
+ROLLOUT_STALLED = "Stalled"
+ROLLOUT_COMPLETE = "Complete"
+DECOMMISSIONED_HISTORY = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeReport:
+    """One node as the managers' ``GET /api/nodes`` describes it."""
+
+    name: str
+    status: str
+    version: str | None = None
+    address: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Observation:
+    """Everything the status is computed from."""
+
+    cr_name: str
+    generation: int
+    spec: ManagerSpec
+    world: planning.World
+    plan: planning.Plan
+    reports: Sequence[NodeReport] = ()
+    node_api_error: str | None = None
+    secret_problem: str | None = None
+    replaced_pod: str | None = None
+    """The pod deleted in this pass, if any."""
+    decommissioned: Sequence[str] = ()
+    """Nodes decommissioned in this pass."""
+    load_balancer_address: str | None = None
+
+
+def _ts(now: datetime.datetime) -> str:
+    return now.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _current_version(obs: Observation, previous: Mapping[str, Any]) -> str:
+    versions = {p.version for p in obs.world.pods if not p.terminating}
+    if len(versions) == 1 and None not in versions and not obs.plan.rolling:
+        return str(next(iter(versions)))
+    return str(previous.get("currentVersion") or "")
+
+
+def _rollout(obs: Observation, previous: Mapping[str, Any], current_version: str) -> dict[str, Any]:
+    prev = dict(previous.get("rollout") or {})
+    sts = obs.world.statefulset
+    now = _ts(obs.world.now)
+    if sts is None or not obs.plan.rolling:
+        if prev.get("state") in (ROLLOUT_IN_PROGRESS, ROLLOUT_STALLED):
+            prev.update(
+                state=ROLLOUT_COMPLETE,
+                finishedAt=now,
+                pending=[],
+                updated=prev.get("total", 0),
+                message="",
+            )
+        return prev
+    target = sts.update_revision or ""
+    live = [p for p in obs.world.pods if not p.terminating]
+    if prev.get("targetRevision") != target or prev.get("state") == ROLLOUT_COMPLETE:
+        prev = {
+            "targetRevision": target,
+            "targetVersion": obs.spec.version,
+            "fromVersion": current_version,
+            "startedAt": now,
+        }
+        prev.pop("finishedAt", None)
+    stalled = obs.plan.action.kind is planning.Kind.STALLED
+    prev.update(
+        state=ROLLOUT_STALLED if stalled else ROLLOUT_IN_PROGRESS,
+        targetVersion=obs.spec.version,
+        total=len(live),
+        updated=sum(1 for p in live if p.revision == target),
+        pending=list(obs.plan.pending),
+        message=obs.plan.action.message,
+    )
+    if obs.replaced_pod:
+        prev.update(lastReplacedPod=obs.replaced_pod, lastReplacedAt=now)
+    return prev
+
+
+def _nodes(obs: Observation) -> list[dict[str, Any]]:
+    pods = {p.name: p for p in obs.world.pods}
+    reports = {r.name: r for r in obs.reports}
+    result = []
+    for name in sorted(set(pods) | set(reports), key=lambda n: (len(n), n)):
+        pod = pods.get(name)
+        report = reports.get(name)
+        if report is not None and report.status == names.STATUS_DECOMMISSIONED and pod is None:
+            continue
+        entry: dict[str, Any] = {
+            "name": name,
+            "status": report.status if report else names.STATUS_UNKNOWN,
+            "podExists": pod is not None,
+            "podReady": bool(pod and pod.ready),
+        }
+        version = (report.version if report else None) or (pod.version if pod else None)
+        if version:
+            entry["version"] = version
+        if report and report.address:
+            entry["address"] = report.address
+        result.append(entry)
+    return result
+
+
+def _conditions(obs: Observation) -> list[Condition]:
+    action = obs.plan.action
+    world = obs.world
+    live = [p for p in world.pods if not p.terminating]
+    ready = sum(1 for p in live if p.ready)
+    summary = f"{ready}/{world.desired} nodes ready"
+    if obs.secret_problem:
+        return [
+            Condition(Type.READY, Status.FALSE, conditions.Reason.SECRET_NOT_FOUND, summary),
+            Condition(
+                Type.PROGRESSING,
+                Status.FALSE,
+                conditions.Reason.SECRET_NOT_FOUND,
+                obs.secret_problem,
+            ),
+            Condition(
+                Type.DEGRADED, Status.TRUE, conditions.Reason.SECRET_NOT_FOUND, obs.secret_problem
+            ),
+        ]
+    all_ready = (
+        world.statefulset is not None
+        and not obs.plan.rolling
+        and ready == world.desired
+        and len(live) == world.desired
+    )
+    if all_ready:
+        ready_cond = Condition(Type.READY, Status.TRUE, conditions.Reason.ALL_NODES_READY, summary)
+    elif obs.plan.rolling:
+        ready_cond = Condition(
+            Type.READY, Status.FALSE, conditions.Reason.ROLLOUT_IN_PROGRESS, summary
+        )
+    elif world.desired > len(live):
+        ready_cond = Condition(Type.READY, Status.FALSE, planning.Reason.SCALING_UP, summary)
+    elif world.desired < len(live):
+        ready_cond = Condition(Type.READY, Status.FALSE, planning.Reason.SCALING_DOWN, summary)
+    else:
+        ready_cond = Condition(Type.READY, Status.FALSE, conditions.Reason.NODES_NOT_READY, summary)
+    if action.kind in (planning.Kind.IDLE, planning.Kind.STALLED) or (
+        action.reason is planning.Reason.PAUSED
+    ):
+        progressing = Condition(Type.PROGRESSING, Status.FALSE, action.reason, action.message)
+    else:
+        progressing = Condition(Type.PROGRESSING, Status.TRUE, action.reason, action.message)
+    if action.kind is planning.Kind.STALLED:
+        degraded = Condition(Type.DEGRADED, Status.TRUE, action.reason, action.message)
+    else:
+        degraded = Condition(
+            Type.DEGRADED, Status.FALSE, conditions.Reason.AS_EXPECTED, "no failure detected"
+        )
+    return [ready_cond, progressing, degraded]
+
+
+def build(obs: Observation, previous: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The complete new status (fields the operator owns)."""
+    previous = previous or {}
+    world = obs.world
+    live = [p for p in world.pods if not p.terminating]
+    update_revision = world.statefulset.update_revision if world.statefulset else None
+    current_version = _current_version(obs, previous)
+    status: dict[str, Any] = {
+        "observedGeneration": obs.generation,
+        "conditions": conditions.merge(
+            previous.get("conditions"),
+            _conditions(obs),
+            generation=obs.generation,
+            now=world.now,
+        ),
+        "desiredNodes": world.desired,
+        "currentNodes": len(live),
+        "readyNodes": sum(1 for p in live if p.ready),
+        "updatedNodes": sum(
+            1 for p in live if update_revision is not None and p.revision == update_revision
+        ),
+        "selector": names.selector_string(obs.cr_name),
+        "currentVersion": current_version,
+        "targetVersion": obs.spec.version,
+        "apiKeySecret": names.api_key_secret_name(obs.cr_name),
+        "nodes": _nodes(obs),
+        "lastNodeApiError": obs.node_api_error or "",
+    }
+    rollout = _rollout(obs, previous, current_version)
+    if rollout:
+        status["rollout"] = rollout
+    decommissioned = list(previous.get("decommissioned") or [])
+    for node in obs.decommissioned:
+        if node in decommissioned:
+            decommissioned.remove(node)
+        decommissioned.append(node)
+    if decommissioned:
+        status["decommissioned"] = decommissioned[-DECOMMISSIONED_HISTORY:]
+    if obs.load_balancer_address:
+        status["loadBalancerAddress"] = obs.load_balancer_address
+    elif previous.get("loadBalancerAddress"):
+        status["loadBalancerAddress"] = previous["loadBalancerAddress"]
+    return status
+
+
+def changed(previous: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
+    """Whether writing ``new`` would change anything the operator owns."""
+    previous = previous or {}
+    return any(previous.get(k) != v for k, v in new.items())
