@@ -1,0 +1,3 @@
+from dsm_node.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The node's HTTPS interface: health, readiness, metrics, and the jobs and nodes API."""

@@ -1,0 +1,1 @@
+"""Cluster membership: registration, heartbeats, offline detection and takeover."""

@@ -1,0 +1,148 @@
+"""Cluster membership against the shared database: register, heartbeat, sweep, leave.
+
+Every node runs the sweep on every heartbeat: any node may declare a silent peer offline and put its
+work back in the pool. Concurrent sweeps are harmless (row locks serialize them; the second finds
+nothing to do). Liveness is judged by the database's clock alone.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from dsm_node.cluster.status import NodeStatus, effective_status
+from dsm_node.db.queries import Q
+
+log = logging.getLogger("dsm.cluster")
+
+
+class Decommissioned(RuntimeError):
+    """This node name was decommissioned; start the node under a new name."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    node_id: int
+    epoch: int
+    name: str
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    offline: list[tuple[str, float]]
+    requeued: int
+    discarded: int
+
+
+class Membership:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def register(self, name: str, address: str, api_port: int, version: str) -> Identity:
+        """Registers this node (a new incarnation for a known name) in one transaction."""
+        async with self.engine.begin() as conn:
+            row = (
+                await conn.execute(
+                    Q.register_node,
+                    {"name": name, "address": address, "api_port": api_port, "version": version},
+                )
+            ).first()
+            if row is None:
+                raise Decommissioned(f"node {name!r} was decommissioned and cannot rejoin")
+            node_id, epoch = int(row.id), int(row.epoch)
+            requeued = (
+                await conn.execute(
+                    Q.requeue_jobs_of_node,
+                    {"node_id": node_id, "reason": f"taken over: {name} restarted"},
+                )
+            ).all()
+            discarded = (
+                await conn.execute(
+                    Q.discard_local_jobs_of_nodes,
+                    {"node_ids": [node_id], "reason": f"{name} restarted with empty caches"},
+                )
+            ).all()
+        if epoch > 1:
+            log.info(
+                "rejoined as %s (incarnation %d); %d jobs of the previous incarnation back in the "
+                "pool, %d of its local jobs discarded",
+                name,
+                epoch,
+                len(requeued),
+                len(discarded),
+            )
+        else:
+            log.info("registered as %s (node id %d)", name, node_id)
+        return Identity(node_id, epoch, name)
+
+    async def heartbeat(self, me: Identity) -> dt.datetime | None:
+        """Renews this node's lease; None means it was declared offline (or replaced)."""
+        async with self.engine.begin() as conn:
+            row = (
+                await conn.execute(Q.heartbeat, {"node_id": me.node_id, "epoch": me.epoch})
+            ).first()
+        return row.db_now if row is not None else None
+
+    async def sweep(self, threshold_seconds: float) -> SweepResult:
+        """Declares silent peers offline, discards their local jobs, requeues orphaned jobs."""
+        async with self.engine.begin() as conn:
+            gone = (
+                await conn.execute(Q.mark_silent_nodes_offline, {"threshold": threshold_seconds})
+            ).all()
+            discarded = 0
+            if gone:
+                discarded = len(
+                    (
+                        await conn.execute(
+                            Q.discard_local_jobs_of_nodes,
+                            {"node_ids": [int(r.id) for r in gone], "reason": "node went offline"},
+                        )
+                    ).all()
+                )
+            requeued = len((await conn.execute(Q.requeue_orphaned_jobs)).all())
+            if requeued:
+                await conn.execute(Q.notify_jobs)
+        return SweepResult([(r.name, float(r.silent_seconds)) for r in gone], requeued, discarded)
+
+    async def leave(self, me: Identity, reason: str) -> None:
+        """Marks this node offline at once (a halted node shows Offline) and drops its local jobs."""
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                Q.leave, {"node_id": me.node_id, "epoch": me.epoch, "reason": reason}
+            )
+            await conn.execute(
+                Q.discard_local_jobs_of_nodes, {"node_ids": [me.node_id], "reason": reason}
+            )
+            # Anything still marked running under this node goes back to the pool now.
+            if (await conn.execute(Q.requeue_orphaned_jobs)).all():
+                await conn.execute(Q.notify_jobs)
+
+    async def list_nodes(self, threshold_seconds: float) -> list[dict[str, Any]]:
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(Q.list_nodes)).all()
+        return [
+            {
+                "id": r.id,
+                "name": r.name,
+                "address": r.address,
+                "apiPort": r.api_port,
+                "version": r.version,
+                "status": str(
+                    effective_status(r.status, r.last_heartbeat, r.db_now, threshold_seconds)
+                ),
+                "statusReason": r.status_reason,
+                "lastHeartbeat": r.last_heartbeat.isoformat(),
+                "secondsSinceHeartbeat": round((r.db_now - r.last_heartbeat).total_seconds(), 3),
+                "startedAt": r.started_at.isoformat(),
+                "statusChangedAt": r.status_changed_at.isoformat(),
+            }
+            for r in rows
+            if r.status != "decommissioned"
+        ]
+
+
+__all__ = ["Decommissioned", "Identity", "Membership", "NodeStatus", "SweepResult"]

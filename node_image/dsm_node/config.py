@@ -1,0 +1,53 @@
+"""A node's own configuration: flags or ``DSM_``-prefixed environment variables.
+
+Cluster-wide behaviour (heartbeat interval, offline threshold, retention) lives in the database's
+settings instead, so that every node agrees; the values here only seed them on first bootstrap.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from dsm_node import __version__
+
+
+class NodeConfig(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DSM_", extra="ignore")
+
+    database_url: str = Field(description="postgresql:// URL of the shared database.")
+    node_name: str = Field(default_factory=socket.gethostname, description="Unique node name.")
+    advertise_address: str | None = Field(None, description="Address peers and agents use.")
+    bind_address: str = Field("0.0.0.0", description="Address to listen on.")
+    api_port: int = Field(4119, ge=1, le=65535, description="HTTPS port for console and API.")
+    heartbeat_port: int = Field(
+        4120, ge=0, le=65535, description="HTTPS port for agent heartbeats (0 disables it)."
+    )
+    software_version: str = Field(__version__, description="Version this node runs.")
+    tls_cert_file: Path | None = Field(None, description="PEM certificate; generated if absent.")
+    tls_key_file: Path | None = Field(None, description="PEM private key for tls_cert_file.")
+    offline_threshold_seconds: float | None = Field(
+        None, gt=0, description="Seeds the cluster's offline threshold on first bootstrap."
+    )
+    heartbeat_interval_seconds: float | None = Field(
+        None, gt=0, description="Seeds the cluster's heartbeat interval on first bootstrap."
+    )
+    concurrency: int = Field(64, ge=1, le=10_000, description="Jobs this node runs at once.")
+    claim_batch: int = Field(32, ge=1, le=1000, description="Most jobs claimed per statement.")
+    shutdown_grace_seconds: float = Field(
+        30.0, ge=0, description="On SIGTERM, how long running jobs may finish before release."
+    )
+    extra_migrations_dir: Path | None = Field(None, description="Test-only extra migrations.")
+    job_modules: str = Field(
+        "", description="Comma-separated Python modules to import: they register more job types."
+    )
+    db_pool_size: int = Field(10, ge=2, le=200, description="Database connections of this node.")
+
+    @property
+    def address(self) -> str:
+        if self.advertise_address:
+            return self.advertise_address
+        return "127.0.0.1" if self.bind_address in ("0.0.0.0", "::") else self.bind_address

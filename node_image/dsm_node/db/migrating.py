@@ -1,0 +1,114 @@
+"""Schema creation and migration, serialized across nodes by one PostgreSQL advisory lock.
+
+All pending migrations run in one transaction (PostgreSQL DDL is transactional): a node killed half
+way leaves the database exactly as it was, and the next node starts over. Two nodes started at the
+same instant on an empty database queue on the lock; the second finds the work done.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from dsm_node.db.queries import Q
+
+log = logging.getLogger("dsm.db")
+
+# Any constant works as long as every node uses the same; this one spells "dsm-schema".
+SCHEMA_LOCK_ID = 0x64736D2D736368
+
+_FILE = re.compile(r"^(\d{4})_([\w-]+)\.sql$")
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+@dataclass(frozen=True)
+class SchemaState:
+    schema_version: int
+    software_version: str | None
+    applied: tuple[int, ...] = ()
+
+
+class SchemaTooNew(RuntimeError):
+    """The database schema is newer than this node knows: upgrade this node."""
+
+
+def load_migrations(extra_dirs: list[Path] | None = None) -> list[Migration]:
+    found: dict[int, Migration] = {}
+    sources: list[tuple[str, str]] = [
+        (f.name, f.read_text())
+        for f in resources.files("dsm_node.db").joinpath("migrations").iterdir()
+        if f.name.endswith(".sql")
+    ]
+    for d in extra_dirs or []:
+        sources += [(p.name, p.read_text()) for p in sorted(Path(d).glob("*.sql"))]
+    for filename, sql in sources:
+        m = _FILE.match(filename)
+        if not m:
+            raise ValueError(f"migration file {filename!r} is not named NNNN_name.sql")
+        version = int(m.group(1))
+        if version in found:
+            raise ValueError(f"two migrations have version {version}")
+        found[version] = Migration(version, m.group(2), sql)
+    migrations = [found[v] for v in sorted(found)]
+    expected = list(range(1, len(migrations) + 1))
+    if [m.version for m in migrations] != expected:
+        raise ValueError(f"migration versions must be 1..N without gaps, got {sorted(found)}")
+    return migrations
+
+
+async def read_state(conn: AsyncConnection) -> SchemaState:
+    exists = (await conn.execute(text("SELECT to_regclass('dsm_schema') IS NOT NULL"))).scalar()
+    if not exists:
+        return SchemaState(0, None)
+    row = (await conn.execute(Q.schema_version)).one_or_none()
+    if row is None:
+        return SchemaState(0, None)
+    return SchemaState(int(row.schema_version), str(row.software_version))
+
+
+async def ensure_schema(
+    engine: AsyncEngine,
+    software_version: str,
+    *,
+    extra_dirs: list[Path] | None = None,
+) -> SchemaState:
+    """Brings the schema to the newest migration this node carries; refuses a newer schema."""
+    migrations = load_migrations(extra_dirs)
+    target = migrations[-1].version
+    async with engine.begin() as conn:
+        await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": SCHEMA_LOCK_ID})
+        state = await read_state(conn)
+        if state.schema_version > target:
+            raise SchemaTooNew(
+                f"database schema version {state.schema_version} is newer than this node's "
+                f"{target} (cluster software {state.software_version}); upgrade this node"
+            )
+        applied: list[int] = []
+        for m in migrations[state.schema_version :]:
+            log.info("applying migration %04d_%s", m.version, m.name)
+            # exec_driver_sql: migration files are plain SQL, their colons are not bind markers.
+            await conn.exec_driver_sql(m.sql)
+            applied.append(m.version)
+        await conn.execute(
+            text(
+                "INSERT INTO dsm_schema (schema_version, software_version) VALUES (:v, :s) "
+                "ON CONFLICT (singleton) DO UPDATE SET schema_version = excluded.schema_version, "
+                "updated_at = now()"
+            ),
+            {"v": target, "s": software_version},
+        )
+        if applied:
+            log.info("schema now at version %d (applied %s)", target, applied)
+        return SchemaState(target, state.software_version or software_version, tuple(applied))

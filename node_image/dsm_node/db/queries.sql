@@ -1,0 +1,263 @@
+-- Every statement the node runs, by name. Loaded by dsm_node.db.queries; reviewed as SQL.
+-- Conventions: :name binds; CAST(...) instead of '::' (the binder owns the colon);
+-- now() is the only clock for liveness and scheduling; clock_timestamp() stamps finishes.
+
+-- name: schema_version
+SELECT schema_version, software_version FROM dsm_schema;
+
+-- name: get_settings
+SELECT key, value FROM settings;
+
+-- name: put_setting
+INSERT INTO settings (key, value) VALUES (:key, CAST(:value AS jsonb))
+ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = now();
+
+-- name: put_setting_default
+INSERT INTO settings (key, value) VALUES (:key, CAST(:value AS jsonb))
+ON CONFLICT (key) DO NOTHING;
+
+-- name: db_clock
+SELECT now() AS db_now, clock_timestamp() AS db_clock, current_setting('TimeZone') AS db_timezone;
+
+-- name: register_node
+-- A new name gets a row; a known name gets a new incarnation (epoch + 1). Decommissioned names
+-- never come back: no row is returned and the node refuses to start.
+INSERT INTO nodes AS n (name, address, api_port, version, status, started_at, last_heartbeat,
+                        status_changed_at, status_reason)
+VALUES (:name, :address, :api_port, :version, 'online', now(), now(), now(), 'registered')
+ON CONFLICT (name) DO UPDATE
+    SET address = excluded.address, api_port = excluded.api_port, version = excluded.version,
+        status = 'online', epoch = n.epoch + 1, started_at = now(), last_heartbeat = now(),
+        status_changed_at = now(), status_reason = 'registered'
+    WHERE n.status <> 'decommissioned'
+RETURNING id, epoch;
+
+-- name: node_by_name
+SELECT id, status FROM nodes WHERE name = :name;
+
+-- name: requeue_jobs_of_node
+-- Jobs held by an earlier incarnation of a node go back to the pool (their attempt is spent,
+-- so the earlier incarnation can no longer complete them).
+UPDATE jobs SET state = 'ready', owner_node = NULL, claimed_at = NULL, deadline = NULL,
+                run_at = now(), last_error = :reason
+WHERE owner_node = :node_id AND state = 'running' AND target_node IS NULL
+RETURNING id;
+
+-- name: discard_local_jobs_of_nodes
+-- Local jobs are pinned to their node: when it leaves, they are discarded, never taken over.
+WITH gone AS (
+    DELETE FROM jobs WHERE target_node = ANY(CAST(:node_ids AS int[])) RETURNING *
+)
+INSERT INTO job_history (id, type, payload, outcome, node_id, attempt, priority, target_node,
+                         created_at, claimed_at, finished_at, error)
+SELECT id, type, payload, 'discarded', owner_node, attempt, priority, target_node,
+       created_at, claimed_at, clock_timestamp(), :reason
+FROM gone
+RETURNING id;
+
+-- name: heartbeat
+-- Conditional on the incarnation: no row means this node was declared offline or replaced.
+UPDATE nodes SET last_heartbeat = now()
+WHERE id = :node_id AND epoch = :epoch AND status = 'online'
+RETURNING now() AS db_now, clock_timestamp() AS db_clock;
+
+-- name: mark_silent_nodes_offline
+UPDATE nodes SET status = 'offline', status_changed_at = now(),
+                 status_reason = 'no heartbeat for ' || round(extract(epoch FROM now() - last_heartbeat)) || ' s'
+WHERE status = 'online' AND last_heartbeat < now() - make_interval(secs => :threshold)
+RETURNING id, name, extract(epoch FROM now() - last_heartbeat) AS silent_seconds;
+
+-- name: requeue_orphaned_jobs
+-- Running jobs whose owner is not online go back to the pool: the takeover.
+UPDATE jobs j SET state = 'ready', owner_node = NULL, claimed_at = NULL, deadline = NULL,
+                  run_at = now(), last_error = 'taken over: node ' || j.owner_node || ' went offline'
+WHERE j.state = 'running' AND j.target_node IS NULL
+  AND NOT EXISTS (SELECT 1 FROM nodes n WHERE n.id = j.owner_node AND n.status = 'online')
+RETURNING j.id;
+
+-- name: leave
+UPDATE nodes SET status = 'offline', status_changed_at = now(), status_reason = :reason
+WHERE id = :node_id AND epoch = :epoch AND status = 'online'
+RETURNING id;
+
+-- name: release_jobs
+UPDATE jobs SET state = 'ready', owner_node = NULL, claimed_at = NULL, deadline = NULL,
+                run_at = now(), last_error = :reason
+WHERE owner_node = :node_id AND state = 'running' AND target_node IS NULL
+  AND id = ANY(CAST(:ids AS bigint[]))
+RETURNING id;
+
+-- name: list_nodes
+SELECT id, name, address, api_port, version, status, epoch, started_at, last_heartbeat,
+       status_changed_at, status_reason, now() AS db_now
+FROM nodes ORDER BY id;
+
+-- name: enqueue_jobs
+WITH ins AS (
+    INSERT INTO jobs (type, payload, priority, run_at, max_attempts, timeout_seconds, unique_key)
+    SELECT t.type, t.payload, t.priority, coalesce(t.run_at, now() + make_interval(secs => t.delay)),
+           t.max_attempts, t.timeout, t.unique_key
+    FROM unnest(CAST(:types AS text[]), CAST(CAST(:payloads AS text[]) AS jsonb[]),
+                CAST(:priorities AS smallint[]), CAST(:run_ats AS timestamptz[]),
+                CAST(:delays AS float8[]), CAST(:max_attempts AS int[]),
+                CAST(:timeouts AS float8[]), CAST(:unique_keys AS text[]))
+         WITH ORDINALITY AS t(type, payload, priority, run_at, delay, max_attempts, timeout,
+                              unique_key, ord)
+    ORDER BY t.ord
+    ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING
+    RETURNING id
+)
+SELECT id FROM ins ORDER BY id;
+
+-- name: enqueue_local_job
+-- One row per online node; a node that joins later starts with empty caches and is not owed one.
+INSERT INTO jobs (type, payload, priority, max_attempts, timeout_seconds, target_node, unique_key)
+SELECT :type, CAST(:payload AS jsonb), :priority, :max_attempts, :timeout, n.id,
+       CASE WHEN CAST(:unique_key AS text) IS NULL THEN NULL ELSE :unique_key || '@' || n.id END
+FROM nodes n WHERE n.status = 'online'
+ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING
+RETURNING id;
+
+-- name: notify_jobs
+SELECT pg_notify('dsm_jobs', '');
+
+-- name: schedule_periodic
+-- The unique (name, slot) row makes one period run once across all nodes, without a leader.
+WITH slot AS (
+    SELECT to_timestamp(floor(extract(epoch FROM now()) / :every) * :every) AS s
+), run AS (
+    INSERT INTO periodic_runs (name, slot, job_id)
+    SELECT :name, s, nextval('jobs_id_seq') FROM slot
+    ON CONFLICT DO NOTHING
+    RETURNING job_id
+)
+INSERT INTO jobs (id, type, payload, max_attempts, timeout_seconds)
+SELECT job_id, :type, CAST(:payload AS jsonb), :max_attempts, :timeout FROM run
+RETURNING id;
+
+-- name: claim_jobs
+-- Batched claim. Only an online node in its current incarnation claims; each claim spends an
+-- attempt, which together with the owner is the fencing token for everything that follows.
+WITH me AS (
+    SELECT 1 FROM nodes WHERE id = :node_id AND epoch = :epoch AND status = 'online'
+), picked AS (
+    SELECT j.id FROM jobs j
+    WHERE j.state = 'ready' AND j.run_at <= now()
+      AND (j.target_node IS NULL OR j.target_node = :node_id)
+      AND EXISTS (SELECT 1 FROM me)
+    ORDER BY j.priority DESC, j.run_at, j.id
+    LIMIT :limit
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE jobs j SET state = 'running', owner_node = :node_id, attempt = j.attempt + 1,
+                  claimed_at = now(), deadline = now() + make_interval(secs => j.timeout_seconds)
+FROM picked WHERE j.id = picked.id
+RETURNING j.id, j.type, j.payload, j.attempt, j.max_attempts, j.timeout_seconds, j.target_node,
+          extract(epoch FROM now() - j.run_at) AS waited_seconds;
+
+-- name: complete_jobs
+-- Fenced: only the owner holding the current attempt can finish a job.
+WITH done AS (
+    DELETE FROM jobs j
+    USING unnest(CAST(:ids AS bigint[]), CAST(:attempts AS int[])) AS d(id, attempt)
+    WHERE j.id = d.id AND j.attempt = d.attempt AND j.owner_node = :node_id AND j.state = 'running'
+    RETURNING j.*
+)
+INSERT INTO job_history (id, type, payload, outcome, node_id, attempt, priority, target_node,
+                         created_at, claimed_at, finished_at, error)
+SELECT id, type, payload, 'succeeded', owner_node, attempt, priority, target_node,
+       created_at, claimed_at, clock_timestamp(), NULL
+FROM done
+RETURNING id;
+
+-- name: fail_job
+WITH done AS (
+    DELETE FROM jobs
+    WHERE id = :id AND attempt = :attempt AND owner_node = :node_id AND state = 'running'
+    RETURNING *
+)
+INSERT INTO job_history (id, type, payload, outcome, node_id, attempt, priority, target_node,
+                         created_at, claimed_at, finished_at, error)
+SELECT id, type, payload, 'failed', owner_node, attempt, priority, target_node,
+       created_at, claimed_at, clock_timestamp(), :error
+FROM done
+RETURNING id;
+
+-- name: retry_job
+UPDATE jobs SET state = 'ready', owner_node = NULL, claimed_at = NULL, deadline = NULL,
+                run_at = now() + make_interval(secs => :delay), last_error = :error
+WHERE id = :id AND attempt = :attempt AND owner_node = :node_id AND state = 'running'
+RETURNING id;
+
+-- name: get_job
+SELECT id, type, payload, state, NULL AS outcome, priority, attempt, max_attempts, owner_node AS node_id,
+       target_node, created_at, run_at, claimed_at, NULL AS finished_at, last_error AS error, now() AS db_now
+FROM jobs WHERE id = :id
+UNION ALL
+SELECT id, type, payload, 'finished', outcome, priority, attempt, NULL, node_id,
+       target_node, created_at, NULL, claimed_at, finished_at, error, now()
+FROM job_history WHERE id = :id;
+
+-- name: queue_depth
+SELECT type, state, count(*) AS n FROM jobs GROUP BY type, state;
+
+-- name: job_stats
+-- Rolled-up minutes below the watermark plus the raw tail above it.
+WITH w AS (SELECT rolled_until FROM job_counts_watermark),
+cutoff AS (SELECT now() - make_interval(secs => :window) AS t)
+SELECT s.node_id, n.name AS node, s.type, s.outcome, CAST(sum(s.n) AS bigint) AS count
+FROM (
+    SELECT c.node_id, c.type, c.outcome, c.count AS n
+    FROM job_counts c, w, cutoff
+    WHERE c.minute >= date_trunc('minute', cutoff.t) AND c.minute < w.rolled_until
+    UNION ALL
+    SELECT coalesce(h.node_id, 0), h.type, h.outcome, count(*)
+    FROM job_history h, w, cutoff
+    WHERE h.finished_at >= greatest(w.rolled_until, cutoff.t)
+    GROUP BY 1, 2, 3
+) s LEFT JOIN nodes n ON n.id = s.node_id
+GROUP BY s.node_id, n.name, s.type, s.outcome
+ORDER BY n.name, s.type, s.outcome;
+
+-- name: rollup_job_counts
+-- Rolls closed minutes of job_history into job_counts. One minute of margin: a completion is
+-- stamped by clock_timestamp() moments before its commit, never a minute before.
+WITH w AS (
+    SELECT rolled_until FROM job_counts_watermark FOR UPDATE
+), upto AS (
+    SELECT date_trunc('minute', now() - interval '1 minute') AS t
+), agg AS (
+    SELECT date_trunc('minute', h.finished_at) AS minute, coalesce(h.node_id, 0) AS node_id,
+           h.type, h.outcome, count(*) AS n
+    FROM job_history h, w, upto
+    WHERE h.finished_at >= w.rolled_until AND h.finished_at < upto.t
+    GROUP BY 1, 2, 3, 4
+), ins AS (
+    INSERT INTO job_counts (minute, node_id, type, outcome, count)
+    SELECT minute, node_id, type, outcome, n FROM agg
+    ON CONFLICT (minute, node_id, type, outcome)
+        DO UPDATE SET count = job_counts.count + excluded.count
+    RETURNING count
+), adv AS (
+    UPDATE job_counts_watermark SET rolled_until = (SELECT t FROM upto)
+    WHERE rolled_until < (SELECT t FROM upto)
+    RETURNING rolled_until
+)
+SELECT (SELECT count(*) FROM ins) AS rows_written,
+       CAST((SELECT coalesce(sum(n), 0) FROM agg) AS bigint) AS jobs_counted;
+
+-- name: prune_job_history
+-- Deletes finished jobs past the retention, in batches, never rows not yet rolled up.
+WITH old AS (
+    SELECT id FROM job_history
+    WHERE finished_at < now() - make_interval(secs => :retention)
+      AND finished_at < (SELECT rolled_until FROM job_counts_watermark)
+    ORDER BY finished_at LIMIT :batch
+)
+DELETE FROM job_history h USING old WHERE h.id = old.id;
+
+-- name: prune_job_counts
+DELETE FROM job_counts WHERE minute < now() - make_interval(secs => :retention);
+
+-- name: prune_periodic_runs
+DELETE FROM periodic_runs WHERE slot < now() - make_interval(secs => :retention);

@@ -1,0 +1,72 @@
+"""Job types every node carries: cache clearing (local), history pruning, per-minute roll-ups,
+and a documented no-op for tests and benchmarks."""
+
+from __future__ import annotations
+
+import asyncio
+
+from pydantic import BaseModel, Field
+
+from dsm_node.db.queries import Q
+from dsm_node.jobs.registry import REGISTRY, JobContext, Payload, Periodic, job_type
+
+
+@job_type("noop", max_attempts=3, timeout=30)
+async def noop(ctx: JobContext, payload: Payload) -> None:
+    """Does nothing: measures the pool itself (benchmarks, tests)."""
+
+
+class SleepPayload(BaseModel):
+    seconds: float = Field(ge=0, le=3600, description="How long to sleep.")
+
+
+@job_type("sleep", max_attempts=3, timeout=3600, payload_model=SleepPayload)
+async def sleep(ctx: JobContext, payload: Payload) -> None:
+    """Sleeps for payload.seconds: a job that holds its claim (tests of takeover and shutdown)."""
+    await asyncio.sleep(float(payload["seconds"]))
+
+
+@job_type("clear_caches", local=True, max_attempts=3, timeout=60)
+async def clear_caches(ctx: JobContext, payload: Payload) -> None:
+    """Clears this node's in-process caches; runs once on every online node."""
+    n = ctx.services.caches.clear()
+    ctx.log.info("cleared %d cached entries on %s", n, ctx.node_name)
+
+
+@job_type("rollup_job_counts", transactional=True, max_attempts=10, timeout=300)
+async def rollup_job_counts(ctx: JobContext, payload: Payload) -> None:
+    """Rolls finished jobs up into per-minute counts by (node, type, outcome)."""
+    assert ctx.conn is not None
+    row = (await ctx.conn.execute(Q.rollup_job_counts)).one()
+    if row.jobs_counted:
+        ctx.log.info(
+            "rolled up %d finished jobs into %d per-minute counts",
+            row.jobs_counted,
+            row.rows_written,
+        )
+
+
+@job_type("prune_job_history", transactional=True, max_attempts=10, timeout=600)
+async def prune_job_history(ctx: JobContext, payload: Payload) -> None:
+    """Deletes finished jobs and counts older than their retention, in batches."""
+    assert ctx.conn is not None
+    s = await ctx.services.settings()
+    total = 0
+    while True:
+        r = await ctx.conn.execute(
+            Q.prune_job_history,
+            {"retention": s.job_history_retention_seconds, "batch": 10_000},
+        )
+        total += r.rowcount
+        if r.rowcount < 10_000:
+            break
+    counts = await ctx.conn.execute(
+        Q.prune_job_counts, {"retention": s.job_counts_retention_seconds}
+    )
+    await ctx.conn.execute(Q.prune_periodic_runs, {"retention": s.job_history_retention_seconds})
+    if total or counts.rowcount:
+        ctx.log.info("pruned %d finished jobs and %d per-minute counts", total, counts.rowcount)
+
+
+REGISTRY.every(Periodic("rollup_job_counts", "rollup_job_counts", every=60))
+REGISTRY.every(Periodic("prune_job_history", "prune_job_history", every=3600))

@@ -1,0 +1,263 @@
+"""The job pool's gateway to the database: every job statement goes through here.
+
+Claims and completions work in batches (one statement for many jobs): on one database the cost of
+a job is dominated by commits, and batching is where every fast Postgres queue found its speed.
+Each claim spends an attempt; completion, retry and failure are conditional on (owner, attempt),
+so a node that lost its claim cannot finish the job.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from dsm_node.db.queries import Q
+from dsm_node.jobs import states
+from dsm_node.jobs.registry import REGISTRY, Payload, Registry
+
+
+@dataclass
+class NewJob:
+    type: str
+    payload: Payload
+    priority: int | None = None
+    run_at: dt.datetime | None = None
+    delay_seconds: float = 0.0
+    max_attempts: int | None = None
+    timeout_seconds: float | None = None
+    unique_key: str | None = None
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    id: int
+    type: str
+    payload: Payload
+    attempt: int
+    max_attempts: int
+    timeout_seconds: float
+    local: bool
+    waited_seconds: float
+
+
+@dataclass(frozen=True)
+class EnqueueResult:
+    ids: list[int]
+    duplicates: int
+
+
+class JobPool:
+    def __init__(self, engine: AsyncEngine, registry: Registry = REGISTRY) -> None:
+        self.engine = engine
+        self.registry = registry
+
+    # -- producing -------------------------------------------------------------------------
+
+    def validate(self, job: NewJob) -> NewJob:
+        """Raises ValueError (readable) for an unknown type or a payload the type refuses."""
+        jt = self.registry.get(job.type)
+        job.payload = jt.validate(job.payload)
+        if job.max_attempts is not None and job.max_attempts < 1:
+            raise ValueError("maxAttempts must be at least 1")
+        if job.timeout_seconds is not None and job.timeout_seconds <= 0:
+            raise ValueError("timeoutSeconds must be positive")
+        return job
+
+    async def enqueue(self, jobs: list[NewJob]) -> EnqueueResult:
+        """Stores jobs atomically: all of them or, on any error, none."""
+        for j in jobs:
+            self.validate(j)
+        plain = [j for j in jobs if not self.registry.get(j.type).local]
+        local = [j for j in jobs if self.registry.get(j.type).local]
+        async with self.engine.begin() as conn:
+            plain_ids = await self._enqueue_plain(conn, plain) if plain else []
+            ids = list(plain_ids)
+            for j in local:
+                ids += await self._enqueue_local(conn, j)
+            if ids:
+                await conn.execute(Q.notify_jobs)
+        return EnqueueResult(ids, duplicates=len(plain) - len(plain_ids))
+
+    async def _enqueue_plain(self, conn: AsyncConnection, jobs: list[NewJob]) -> list[int]:
+        types = [self.registry.get(j.type) for j in jobs]
+        rows = await conn.execute(
+            Q.enqueue_jobs,
+            {
+                "types": [j.type for j in jobs],
+                "payloads": [json.dumps(j.payload) for j in jobs],
+                "priorities": [
+                    j.priority if j.priority is not None else t.priority
+                    for j, t in zip(jobs, types, strict=True)
+                ],
+                "run_ats": [j.run_at for j in jobs],
+                "delays": [float(j.delay_seconds) for j in jobs],
+                "max_attempts": [
+                    j.max_attempts or t.max_attempts for j, t in zip(jobs, types, strict=True)
+                ],
+                "timeouts": [
+                    j.timeout_seconds or t.timeout for j, t in zip(jobs, types, strict=True)
+                ],
+                "unique_keys": [j.unique_key for j in jobs],
+            },
+        )
+        return [int(r.id) for r in rows]
+
+    async def _enqueue_local(self, conn: AsyncConnection, j: NewJob) -> list[int]:
+        t = self.registry.get(j.type)
+        rows = await conn.execute(
+            Q.enqueue_local_job,
+            {
+                "type": j.type,
+                "payload": json.dumps(j.payload),
+                "priority": j.priority if j.priority is not None else t.priority,
+                "max_attempts": j.max_attempts or t.max_attempts,
+                "timeout": j.timeout_seconds or t.timeout,
+                "unique_key": j.unique_key,
+            },
+        )
+        return [int(r.id) for r in rows]
+
+    async def schedule_periodic(self) -> list[int]:
+        """Enqueues the current period's run of every periodic task that has none yet."""
+        ids: list[int] = []
+        async with self.engine.begin() as conn:
+            for p in self.registry.periodic.values():
+                t = self.registry.get(p.job_type)
+                rows = await conn.execute(
+                    Q.schedule_periodic,
+                    {
+                        "every": p.every,
+                        "name": p.name,
+                        "type": p.job_type,
+                        "payload": json.dumps(p.payload),
+                        "max_attempts": t.max_attempts,
+                        "timeout": t.timeout,
+                    },
+                )
+                ids += [int(r.id) for r in rows]
+            if ids:
+                await conn.execute(Q.notify_jobs)
+        return ids
+
+    # -- consuming -------------------------------------------------------------------------
+
+    async def claim(self, node_id: int, epoch: int, limit: int) -> list[ClaimedJob]:
+        async with self.engine.begin() as conn:
+            rows = await conn.execute(
+                Q.claim_jobs, {"node_id": node_id, "epoch": epoch, "limit": limit}
+            )
+            return [
+                ClaimedJob(
+                    int(r.id),
+                    r.type,
+                    r.payload,
+                    int(r.attempt),
+                    int(r.max_attempts),
+                    float(r.timeout_seconds),
+                    r.target_node is not None,
+                    float(r.waited_seconds),
+                )
+                for r in rows
+            ]
+
+    async def complete(self, node_id: int, done: list[tuple[int, int]]) -> set[int]:
+        """Finishes successful jobs in one statement; returns the ids this node still owned."""
+        async with self.engine.begin() as conn:
+            return await self.complete_in(conn, node_id, done)
+
+    @staticmethod
+    async def complete_in(
+        conn: AsyncConnection, node_id: int, done: list[tuple[int, int]]
+    ) -> set[int]:
+        rows = await conn.execute(
+            Q.complete_jobs,
+            {"node_id": node_id, "ids": [i for i, _ in done], "attempts": [a for _, a in done]},
+        )
+        return {int(r.id) for r in rows}
+
+    async def fail(
+        self,
+        node_id: int,
+        job: ClaimedJob,
+        error: str,
+        backoff: states.Backoff,
+        rnd: random.Random | None = None,
+    ) -> str | None:
+        """Records a failed attempt: 'retrying' or 'failed', or None when the claim was lost."""
+        decision = states.after_failure(job.attempt, job.max_attempts, backoff, rnd)
+        params: dict[str, Any] = {
+            "id": job.id,
+            "attempt": job.attempt,
+            "node_id": node_id,
+            "error": error[:4000],
+        }
+        async with self.engine.begin() as conn:
+            if decision.retry:
+                params["delay"] = decision.delay_seconds
+                row = (await conn.execute(Q.retry_job, params)).first()
+                return "retrying" if row else None
+            row = (await conn.execute(Q.fail_job, params)).first()
+            return "failed" if row else None
+
+    async def release(self, node_id: int, ids: list[int], reason: str) -> int:
+        async with self.engine.begin() as conn:
+            rows = await conn.execute(
+                Q.release_jobs, {"node_id": node_id, "ids": ids, "reason": reason}
+            )
+            return len(rows.all())
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def get(self, job_id: int) -> dict[str, Any] | None:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(Q.get_job, {"id": job_id})).mappings().first()
+        if row is None:
+            return None
+        run_at = row["run_at"]
+        return {
+            "id": row["id"],
+            "type": row["type"],
+            "payload": row["payload"],
+            "state": states.public_state(
+                row["state"],
+                row["outcome"],
+                row["attempt"],
+                run_at is not None and run_at > row["db_now"],
+            ),
+            "priority": row["priority"],
+            "attempt": row["attempt"],
+            "maxAttempts": row["max_attempts"],
+            "nodeId": row["node_id"],
+            "targetNodeId": row["target_node"],
+            "createdAt": _iso(row["created_at"]),
+            "runAt": _iso(run_at),
+            "claimedAt": _iso(row["claimed_at"]),
+            "finishedAt": _iso(row["finished_at"]),
+            "error": row["error"],
+        }
+
+    async def stats(self, window_seconds: float) -> list[dict[str, Any]]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(Q.job_stats, {"window": window_seconds})
+            return [
+                {
+                    "node": r.node or f"node-{r.node_id}",
+                    "type": r.type,
+                    "outcome": r.outcome,
+                    "count": int(r.count),
+                }
+                for r in rows
+            ]
+
+    async def queue_depth(self) -> list[tuple[str, str, int]]:
+        async with self.engine.connect() as conn:
+            return [(r.type, r.state, int(r.n)) for r in await conn.execute(Q.queue_depth)]
+
+
+def _iso(t: dt.datetime | None) -> str | None:
+    return t.isoformat() if t is not None else None

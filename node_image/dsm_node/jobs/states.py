@@ -1,0 +1,60 @@
+"""Pure rules of a job's life: what happens after an attempt ends. No I/O here.
+
+ready --claim--> running --success--> succeeded (history)
+                    |--failure, attempts left--> ready (run_at = now + backoff)
+                    |--failure, none left------> failed (history, dead letter, with the error)
+                    |--owner offline-----------> ready (taken over; the attempt stays spent)
+local jobs whose node leaves ---------------------> discarded (history)
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Outcome(StrEnum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    DISCARDED = "discarded"
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff: base * 2^(attempt-1), capped, with +-jitter so retries do not align."""
+
+    base_seconds: float = 2.0
+    max_seconds: float = 3600.0
+    jitter: float = 0.2
+
+    def delay(self, attempt: int, rnd: random.Random | None = None) -> float:
+        raw = min(self.max_seconds, self.base_seconds * (2 ** max(0, attempt - 1)))
+        r = (rnd or random).uniform(-self.jitter, self.jitter)
+        return max(0.0, raw * (1 + r))
+
+
+@dataclass(frozen=True)
+class AfterFailure:
+    retry: bool
+    delay_seconds: float = 0.0
+
+
+def after_failure(
+    attempt: int, max_attempts: int, backoff: Backoff, rnd: random.Random | None = None
+) -> AfterFailure:
+    """A failed attempt number ``attempt`` (1-based) is retried while attempts remain."""
+    if attempt < max_attempts:
+        return AfterFailure(True, backoff.delay(attempt, rnd))
+    return AfterFailure(False)
+
+
+def public_state(state: str, outcome: str | None, attempt: int, run_at_in_future: bool) -> str:
+    """The state a user sees: scheduled, ready, retrying, running, succeeded, failed, discarded."""
+    if state == "finished":
+        return str(outcome)
+    if state == "running":
+        return "running"
+    if attempt > 0:
+        return "retrying"
+    return "scheduled" if run_at_in_future else "ready"

@@ -1,0 +1,250 @@
+"""The loop that claims jobs for this node and runs them.
+
+One claim statement fetches up to ``batch`` jobs (never more than free slots); each job runs as its
+own asyncio task so slow jobs do not hold up fast ones. Successful plain jobs are finished by a
+batch completer (one statement for many jobs); transactional jobs finish inside their own
+transaction. The loop sleeps on a NOTIFY from enqueuers, with polling as the fallback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from dsm_node import metrics
+from dsm_node.cluster.membership import Identity
+from dsm_node.jobs import states
+from dsm_node.jobs.pool import ClaimedJob, JobPool
+from dsm_node.jobs.registry import JobContext, UnknownJobType
+
+log = logging.getLogger("dsm.jobs")
+
+
+class LostClaim(Exception):
+    """Another node holds this job now (this node was declared offline); the work is undone."""
+
+
+@dataclass
+class WorkerConfig:
+    concurrency: int = 64
+    batch: int = 32
+    poll_interval: float = 1.0
+    completion_flush_interval: float = 0.005
+    backoff: states.Backoff = states.Backoff()
+
+
+class Worker:
+    def __init__(
+        self,
+        pool: JobPool,
+        identity: Callable[[], Identity],
+        services: Any,
+        config: WorkerConfig,
+    ) -> None:
+        self.pool = pool
+        self.identity = identity
+        self.services = services
+        self.config = config
+        self.running: dict[int, tuple[ClaimedJob, asyncio.Task[None]]] = {}
+        self._wake = asyncio.Event()
+        self._slot_freed = asyncio.Event()
+        self._pending_done: list[tuple[int, int, str]] = []
+        self._done_ready = asyncio.Event()
+        self._paused_reason: str | None = "starting"
+        self._stopping = False
+        self._abandoned: list[int] = []
+
+    # -- control --------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def pause(self, reason: str) -> None:
+        if self._paused_reason is None:
+            log.warning("stopped claiming jobs: %s", reason)
+        self._paused_reason = reason
+
+    def resume(self) -> None:
+        if self._paused_reason is not None and self._paused_reason != "starting":
+            log.info("claiming jobs again")
+        self._paused_reason = None
+        self.wake()
+
+    @property
+    def claiming(self) -> bool:
+        return self._paused_reason is None and not self._stopping
+
+    def abandon_running(self, reason: str) -> list[int]:
+        """Cancels every running job (this node may no longer finish them)."""
+        ids = list(self.running)
+        for _, task in list(self.running.values()):
+            task.cancel()
+        if ids:
+            log.warning("abandoned %d running jobs: %s", len(ids), reason)
+        self._abandoned += ids
+        return ids
+
+    def take_abandoned(self) -> list[int]:
+        ids, self._abandoned = self._abandoned, []
+        return ids
+
+    # -- claim loop -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        cfg = self.config
+        while not self._stopping:
+            if not self.claiming:
+                await self._sleep(self._wake, cfg.poll_interval)
+                continue
+            free = cfg.concurrency - len(self.running)
+            if free < min(cfg.batch, cfg.concurrency) // 2 or free <= 0:
+                await self._sleep(self._slot_freed, cfg.poll_interval)
+                continue
+            want = min(free, cfg.batch)
+            me = self.identity()
+            started = time.perf_counter()
+            try:
+                jobs = await self.pool.claim(me.node_id, me.epoch, want)
+            except Exception as e:  # the database is away; membership decides what that means
+                log.warning("claim failed: %s", _short(e))
+                await asyncio.sleep(cfg.poll_interval)
+                continue
+            metrics.CLAIM_SECONDS.observe(time.perf_counter() - started)
+            for job in jobs:
+                metrics.QUEUE_WAIT_SECONDS.labels(job.type).observe(max(0.0, job.waited_seconds))
+                task = asyncio.create_task(self._execute(me, job), name=f"job-{job.id}")
+                self.running[job.id] = (job, task)
+            if len(jobs) < want:
+                await self._sleep(self._wake, cfg.poll_interval)
+
+    async def _sleep(self, event: asyncio.Event, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout)
+        event.clear()
+
+    # -- running one job ------------------------------------------------------------------
+
+    async def _execute(self, me: Identity, job: ClaimedJob) -> None:
+        started = time.perf_counter()
+        outcome = "succeeded"
+        try:
+            jt = self.pool.registry.get(job.type)
+            ctx = JobContext(job.id, job.attempt, me.name, self.services)
+            if jt.transactional:
+                async with self.pool.engine.begin() as conn:
+                    ctx.conn = conn
+                    await asyncio.wait_for(jt.handler(ctx, job.payload), job.timeout_seconds)
+                    if not await self.pool.complete_in(conn, me.node_id, [(job.id, job.attempt)]):
+                        raise LostClaim()
+            else:
+                await asyncio.wait_for(jt.handler(ctx, job.payload), job.timeout_seconds)
+                self._pending_done.append((job.id, job.attempt, job.type))
+                self._done_ready.set()
+                outcome = ""  # counted when the completion is written
+        except LostClaim:
+            outcome = "lost"
+            log.warning(
+                "job %d (%s): claim lost to another node; its work was rolled back",
+                job.id,
+                job.type,
+            )
+        except asyncio.CancelledError:
+            outcome = "abandoned"
+            raise
+        except Exception as e:
+            error = (
+                f"timed out after {job.timeout_seconds:g} s"
+                if isinstance(e, TimeoutError)
+                else str(e)
+                if isinstance(e, UnknownJobType)
+                else f"{type(e).__name__}: {e}"
+            )
+            outcome = await self._record_failure(me, job, error)
+        finally:
+            self.running.pop(job.id, None)
+            self._slot_freed.set()
+            if outcome:
+                metrics.JOBS.labels(job.type, outcome).inc()
+            metrics.JOB_SECONDS.labels(job.type).observe(time.perf_counter() - started)
+
+    async def _record_failure(self, me: Identity, job: ClaimedJob, error: str) -> str:
+        try:
+            result = await self.pool.fail(me.node_id, job, error, self.config.backoff)
+        except Exception as e:
+            log.warning("job %d (%s): could not record failure: %s", job.id, job.type, _short(e))
+            return "lost"
+        if result is None:
+            return "lost"
+        level = logging.WARNING if result == "retrying" else logging.ERROR
+        log.log(
+            level,
+            "job %d (%s) attempt %d/%d failed, %s: %s",
+            job.id,
+            job.type,
+            job.attempt,
+            job.max_attempts,
+            result,
+            error,
+        )
+        return result
+
+    # -- batch completer ------------------------------------------------------------------
+
+    async def complete_forever(self) -> None:
+        while True:
+            await self._done_ready.wait()
+            if len(self._pending_done) < self.config.batch and not self._stopping:
+                await asyncio.sleep(self.config.completion_flush_interval)
+            await self.flush_completions()
+
+    async def flush_completions(self) -> None:
+        self._done_ready.clear()
+        if not self._pending_done:
+            return
+        batch, self._pending_done = self._pending_done, []
+        me = self.identity()
+        try:
+            done = await self.pool.complete(me.node_id, [(i, a) for i, a, _ in batch])
+        except Exception as e:
+            log.warning("could not record %d completions: %s", len(batch), _short(e))
+            self._pending_done = batch + self._pending_done  # retried on the next flush
+            await asyncio.sleep(self.config.poll_interval)
+            self._done_ready.set()
+            return
+        for job_id, _, job_type in batch:
+            metrics.JOBS.labels(job_type, "succeeded" if job_id in done else "lost").inc()
+        if len(done) < len(batch):
+            log.warning(
+                "%d completed jobs had been taken over by other nodes; their results were dropped",
+                len(batch) - len(done),
+            )
+
+    # -- shutdown -------------------------------------------------------------------------
+
+    async def drain(self, grace_seconds: float) -> list[int]:
+        """Stops claiming, waits up to the grace period, cancels what still runs; returns the
+        ids of jobs cut short (to be released back to the pool)."""
+        self._stopping = True
+        self.wake()
+        self._slot_freed.set()
+        tasks = [t for _, t in self.running.values()]
+        if tasks:
+            log.info("waiting up to %g s for %d running jobs", grace_seconds, len(tasks))
+            _, pending = await asyncio.wait(tasks, timeout=grace_seconds)
+            cut = [job_id for job_id, (_, t) in list(self.running.items()) if t in pending]
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        else:
+            cut = []
+        await self.flush_completions()
+        return cut + self.take_abandoned()
+
+
+def _short(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
