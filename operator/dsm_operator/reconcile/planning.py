@@ -12,7 +12,8 @@ The rules, in order (first match wins):
 2. Scale down before anything else, one ordinal at a time, highest first (the StatefulSet
    controller removes the highest ordinal when ``replicas`` drops by one).
 3. Roll out: while a pod runs an outdated revision, replace one pod at a time. The gate is the
-   *updated* pods only: they must all be Ready before the next deletion. Outdated pods are
+   *updated* pods only (those created during the rollout): they must all be Ready before the
+   next deletion. Outdated pods are
    expected to be unready during an upgrade (``Offline (Upgrade Required)``) and must not block
    it -- that is where a native rolling update stalls. Outdated pods that are not Ready go first
    (they serve nothing, and kubernetes#67250 says nobody else will replace them), then the
@@ -139,6 +140,22 @@ def _stalled(pod: PodState, world: World) -> bool:
     return world.now - pod.created_at > world.ready_timeout
 
 
+def _launched_by_rollout(pod: PodState, live: Sequence[PodState], revision: str | None) -> bool:
+    """Whether an updated pod was (re)created during the rollout, so that it gates it.
+
+    An updated pod older than every outdated pod was not launched by this rollout: it is a node
+    that turned unready *because of* a newer outdated pod -- the state after reverting a bad
+    version, where the broken pod is the outdated one. Such pods must not block replacing it.
+    """
+    newest_outdated = max(
+        (p.created_at for p in live if p.revision != revision and p.created_at is not None),
+        default=None,
+    )
+    if newest_outdated is None or pod.created_at is None:
+        return True
+    return pod.created_at >= newest_outdated
+
+
 def decommission_candidates(world: World, cr_name: str) -> tuple[str, ...]:
     """Nodes of this resource that were scaled away and are now offline."""
     if world.statefulset is None:
@@ -210,7 +227,13 @@ def plan(world: World, cr_name: str) -> Plan:
     # 3. Roll out, one pod at a time, gated on the updated pods only.
     if rolling:
         updated_unready = sorted(
-            (p for p in live if p.revision == sts.update_revision and not p.ready),
+            (
+                p
+                for p in live
+                if p.revision == sts.update_revision
+                and not p.ready
+                and _launched_by_rollout(p, live, sts.update_revision)
+            ),
             key=lambda p: p.ordinal,
         )
         for pod in updated_unready:
