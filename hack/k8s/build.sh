@@ -54,10 +54,15 @@ if ((${#missing[@]} == 0)); then
     exit 0
 fi
 
-go_bin="${GO:-$(command -v go || true)}"
-[[ -n "$go_bin" || ! -x /usr/local/go/bin/go ]] || go_bin=/usr/local/go/bin/go
+# GO names the toolchain explicitly; otherwise go on PATH, otherwise the usual tarball location.
+if [[ -n "${GO:-}" ]]; then
+    go_bin="$(command -v "$GO" || true)"
+else
+    go_bin="$(command -v go || true)"
+    [[ -n "$go_bin" || ! -x /usr/local/go/bin/go ]] || go_bin=/usr/local/go/bin/go
+fi
 if [[ -z "$go_bin" ]]; then
-    loud "CLUSTER TIER UNAVAILABLE: no Go toolchain found to build ${missing[*]} (install Go >= 1.26 or set GO=/path/to/go); cluster tests will be skipped"
+    loud "CLUSTER TIER UNAVAILABLE: no Go toolchain (${GO:-go}) to build ${missing[*]}; install Go >= 1.26 or set GO=/path/to/go. Cluster tests will be skipped$([[ "${CI:-}" == "true" ]] && echo ' -- and CI=true, so this is an error')."
     [[ "${CI:-}" == "true" ]] && exit 1
     exit 0
 fi

@@ -1,10 +1,11 @@
 """Throw-away PKI for the test control plane: one CA, the API server's serving certificate, an admin
 client certificate and the service-account signing key.
 
-Why generate instead of letting kube-apiserver self-sign: clients (the Python client, kubectl, helm, the
-controller manager, kwok) must verify the server against a CA we hold, and the admin identity is a
-client certificate in group ``system:masters`` signed by the CA that ``--client-ca-file`` names -- the
-same arrangement controller-runtime's envtest uses. ECDSA P-256 keeps generation to milliseconds.
+Why generate instead of letting kube-apiserver self-sign: clients (the Python client, kubectl, helm,
+the controller manager, kwok) must verify the server against a CA we hold, and the admin identity is
+a client certificate in group ``system:masters`` signed by the CA that ``--client-ca-file`` names --
+the same arrangement controller-runtime's envtest uses. ECDSA P-256 keeps generation to
+milliseconds.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def _issue(
     ca_name: x509.Name,
     ca_key: ec.EllipticCurvePrivateKey,
     *,
-    usage: ExtendedKeyUsageOID | None,
+    usage: x509.ObjectIdentifier | None,
     sans: list[x509.GeneralName] | None = None,
     is_ca: bool = False,
 ) -> x509.Certificate:

@@ -2,8 +2,8 @@
 
 The fixtures live in ``plugin.py`` so that tests/e2e can share one control plane per session; the
 top-level tests/conftest.py is expected to register it with ``pytest_plugins``. Until then (or when
-running ``pytest tests/cluster`` from a checkout without that line), this registers the same module under
-the same name, which pytest ignores when it is already registered.
+running ``pytest tests/cluster`` from a checkout without that line), this registers the same module
+under the same name, which pytest ignores when it is already registered.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 _REPO_ROOT = str(Path(__file__).resolve().parents[2])
-if _REPO_ROOT not in sys.path:  # `tests.cluster...` must be importable without pyproject's pythonpath
+if (
+    _REPO_ROOT not in sys.path
+):  # `tests.cluster...` must be importable without pyproject's pythonpath
     sys.path.insert(0, _REPO_ROOT)
 
 

@@ -1,17 +1,18 @@
 """A real Kubernetes control plane on 127.0.0.1, run as plain processes, for the cluster test tier.
 
-Why: an operator breaks where mocks are silent -- CRD schema and CEL validation, server-side defaults,
-watches, status and scale subresources, finalizers, the StatefulSet controller's ordering. No Docker
-engine runs on our machines, so instead of kind we run the programs controller-runtime's envtest runs,
-built from source by ``hack/k8s/build.sh``: etcd and kube-apiserver always; kube-controller-manager,
-kube-scheduler and kwok (a node simulator, so pods get scheduled and turn Ready without a kubelet) when a
-test needs workloads.
+Why: an operator breaks where mocks are silent -- CRD schema and CEL validation, server-side
+defaults, watches, status and scale subresources, finalizers, the StatefulSet controller's ordering.
+No Docker engine runs on our machines, so instead of kind we run the programs controller-runtime's
+envtest runs, built from source by ``hack/k8s/build.sh``: etcd and kube-apiserver always;
+kube-controller-manager, kube-scheduler and kwok (a node simulator, so pods get scheduled and turn
+Ready without a kubelet) when a test needs workloads.
 
 Shape: :class:`ControlPlane` owns a working directory (certificates, etcd data, one log file per
-component, an admin kubeconfig) and the processes. Every listener is on 127.0.0.1 at a port picked free
-at start; pods on the fake node get 127.1.x.y addresses and Services 127.2.x.y, so nothing a test finds
-in the API points outside loopback. Start-up waits on each component's health endpoint with a deadline
-and, if a component dies or never turns healthy, raises :class:`ComponentFailed` with its log tail.
+component, an admin kubeconfig) and the processes. Every listener is on 127.0.0.1 at a port picked
+free at start; pods on the fake node get 127.1.x.y addresses and Services 127.2.x.y, so nothing a
+test finds in the API points outside loopback. Start-up waits on each component's health endpoint
+with a deadline and, if a component dies or never turns healthy, raises :class:`ComponentFailed`
+with its log tail.
 
 The pytest fixtures live in ``plugin.py``; this module has no pytest dependency so that other tools
 (a debugging script, e2e tests) can drive it directly.
@@ -39,7 +40,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import yaml
-
 from tests.cluster import certificates
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -48,17 +48,18 @@ BUILD_SCRIPT = REPO_ROOT / "hack" / "k8s" / "build.sh"
 
 HOST = "127.0.0.1"
 POD_CIDR = "127.1.0.0/16"
-"""Pod addresses handed out by kwok on the fake node: loopback, so dialing a pod IP stays on this host."""
+"""Pod addresses kwok hands out on the fake node: loopback, so a dialed pod IP stays local."""
 SERVICE_CIDR = "127.2.0.0/16"
-"""ClusterIP range; loopback and disjoint from :data:`POD_CIDR`. The API server takes the first address."""
+"""ClusterIP range: loopback, disjoint from :data:`POD_CIDR`; the API server takes the first IP."""
 SERVICE_IP = "127.2.0.1"
 FAKE_NODE = "kwok-node-0"
 """Name of the one simulated node that :meth:`ControlPlane.start_workloads` registers."""
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
+_DEFAULT_SA = "/api/v1/namespaces/default/serviceaccounts/default"
 
 
 class ComponentFailed(RuntimeError):
-    """A control-plane component exited or did not become healthy in time (message has its log tail)."""
+    """A control-plane component exited or did not become healthy in time (log tail attached)."""
 
 
 def cache_dir() -> Path:
@@ -124,10 +125,11 @@ class Binaries:
 
 
 def go_toolchain() -> str | None:
-    """The Go binary build.sh would use, or None when Go is not installed."""
-    return os.environ.get("GO") or shutil.which("go") or (
-        "/usr/local/go/bin/go" if os.access("/usr/local/go/bin/go", os.X_OK) else None
-    )
+    """The Go binary build.sh would use (``$GO``, go on PATH, /usr/local/go), or None."""
+    if os.environ.get("GO"):
+        return shutil.which(os.environ["GO"])
+    fallback = "/usr/local/go/bin/go"
+    return shutil.which("go") or (fallback if os.access(fallback, os.X_OK) else None)
 
 
 def free_port() -> int:
@@ -138,11 +140,18 @@ def free_port() -> int:
         return port
 
 
+# Loaded in the parent: the child between fork and exec must only make the one system call.
+_LIBC = (
+    ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform == "linux" else None
+)
+_PR_SET_PDEATHSIG = 1
+
+
 def _die_with_parent() -> None:
-    """Run in the child before exec: get SIGKILL when pytest dies, so no component outlives a run."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    pr_set_pdeathsig = 1
-    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    """Runs in the child before exec: SIGKILL when pytest dies, so no component outlives a run
+    (pytest-timeout's thread method and a killed pytest skip every teardown)."""
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 @dataclass
@@ -166,7 +175,7 @@ class Component:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            preexec_fn=_die_with_parent if _LIBC is not None else None,
         )
 
     @property
@@ -198,8 +207,8 @@ class ControlPlane:
     """etcd + kube-apiserver, and on request kube-controller-manager, kube-scheduler and kwok.
 
     Use as a context manager or call :meth:`start` / :meth:`stop`. After :meth:`start`,
-    :attr:`kubeconfig` is an admin kubeconfig (client certificate in ``system:masters``, data embedded, so
-    it can be copied) that kubectl, helm, kopf and the Python client accept.
+    :attr:`kubeconfig` is an admin kubeconfig (client certificate in ``system:masters``, data
+    embedded, so it can be copied) that kubectl, helm, kopf and the Python client accept.
     """
 
     def __init__(
@@ -221,7 +230,7 @@ class ControlPlane:
         """Seconds from start to ready per phase, for the report in the test summary."""
         self._pki: certificates.Files | None = None
 
-    # -- public ---------------------------------------------------------------------------------------
+    # -- public ------------------------------------------------------------------------------------
 
     @property
     def server(self) -> str:
@@ -270,8 +279,9 @@ class ControlPlane:
                 f"--service-account-key-file={pki.service_account_pub}",
                 f"--service-account-signing-key-file={pki.service_account_key}",
                 "--allow-privileged=true",
-                # The 127.0.0.1 advertise address is a loopback endpoint, which Endpoints validation
-                # refuses; nothing in-cluster dials the kubernetes Service here, so skip reconciling it.
+                # The 127.0.0.1 advertise address is a loopback endpoint, which Endpoints
+                # validation refuses; nothing in-cluster dials the kubernetes Service here, so
+                # skip reconciling it.
                 "--endpoint-reconciler-type=none",
                 "--v=1",
             ],
@@ -282,7 +292,7 @@ class ControlPlane:
         self.timings["apiserver_ready_s"] = time.monotonic() - t0
 
     def start_workloads(self) -> None:
-        """Add the controller manager, the scheduler and kwok with one Ready fake node (idempotent)."""
+        """Add controller manager, scheduler and kwok with one Ready fake node (idempotent)."""
         if self.workloads_running:
             return
         if self._pki is None:
@@ -345,6 +355,9 @@ class ControlPlane:
         insecure.check_hostname = False
         insecure.verify_mode = ssl.CERT_NONE  # self-signed serving certs of the components' healthz
         self._wait(cm, lambda: _http_ok(HOST, cm_port, "/healthz", insecure))
+        # healthz answers before the controllers run; the service-account controller making
+        # default/default shows they do (and pods are refused in a namespace until it has).
+        self._wait(cm, lambda: self.request("GET", _DEFAULT_SA)[0] == 200)
         self._wait(scheduler, lambda: _http_ok(HOST, sched_port, "/healthz", insecure))
         self._register_fake_node()
         self._wait(kwok, self._fake_node_ready)
@@ -352,16 +365,19 @@ class ControlPlane:
         self.timings["workloads_ready_s"] = time.monotonic() - t0
 
     def stop(self) -> None:
-        """Stop every component, newest first; logs and the working directory stay for inspection."""
+        """Stop every component, newest first; logs and the working directory stay for reading."""
         for component in reversed(list(self.components.values())):
             component.stop()
         self.workloads_running = False
 
     def api_client(self) -> Any:
         """A new ``kubernetes.client.ApiClient`` for the admin kubeconfig (caller closes it)."""
-        from kubernetes import config  # imported late: plain users of this module need not have it
+        # Imported late: plain users of this module need not have the client. Typed as Any because
+        # kubernetes' own annotations differ between releases.
+        from kubernetes import config
 
-        return config.new_client_from_config(config_file=str(self.kubeconfig))
+        loader: Any = config
+        return loader.new_client_from_config(config_file=str(self.kubeconfig))
 
     def log_files(self) -> dict[str, Path]:
         return {name: c.log_path for name, c in self.components.items()}
@@ -383,7 +399,7 @@ class ControlPlane:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    # -- internals ------------------------------------------------------------------------------------
+    # -- internals ---------------------------------------------------------------------------------
 
     def _spawn(self, name: str, argv: Sequence[str]) -> Component:
         component = Component(name, list(argv), self.log_dir / f"{name}.log")
@@ -455,8 +471,9 @@ class ControlPlane:
         self.kubeconfig.write_text(yaml.safe_dump(doc, sort_keys=False))
         self.kubeconfig.chmod(0o600)
 
-    def _request(self, method: str, path: str, body: object | None = None) -> tuple[int, Any]:
-        """A tiny admin REST call, so start-up does not depend on the Python client's behaviour."""
+    def request(self, method: str, path: str, body: object | None = None) -> tuple[int, Any]:
+        """An admin REST call returning (HTTP status, decoded JSON): start-up and tests that want
+        the raw API use it instead of the Python client, whose models differ between releases."""
         conn = http.client.HTTPSConnection(HOST, self.apiserver_port, context=self._client_tls())
         try:
             payload = None if body is None else json.dumps(body).encode()
@@ -484,12 +501,14 @@ class ControlPlane:
             },
             "spec": {"podCIDR": POD_CIDR, "podCIDRs": [POD_CIDR]},
         }
-        status, reply = self._request("POST", "/api/v1/nodes", node)
+        status, reply = self.request("POST", "/api/v1/nodes", node)
         if status not in (201, 409):
-            raise ComponentFailed(f"registering fake node {FAKE_NODE} failed: HTTP {status} {reply}")
+            raise ComponentFailed(
+                f"registering fake node {FAKE_NODE} failed: HTTP {status} {reply}"
+            )
 
     def _fake_node_ready(self) -> bool:
-        status, node = self._request("GET", f"/api/v1/nodes/{FAKE_NODE}")
+        status, node = self.request("GET", f"/api/v1/nodes/{FAKE_NODE}")
         if status != 200:
             return False
         conditions = (node.get("status") or {}).get("conditions") or []
@@ -515,7 +534,7 @@ def _http_ok(host: str, port: int, path: str, tls: ssl.SSLContext | None) -> boo
 
 @contextlib.contextmanager
 def running(workdir: Path, *, workloads: bool = False) -> Iterator[ControlPlane]:
-    """``with running(path, workloads=True) as cp:`` -- a control plane for scripts and debugging."""
+    """``with running(path, workloads=True) as cp:``: a control plane for scripts and debugging."""
     with ControlPlane(workdir) as cp:
         if workloads:
             cp.start_workloads()

@@ -1,23 +1,25 @@
-"""pytest plugin: the real control plane (``controlplane.py``) as fixtures, shared by every test tier.
+"""pytest plugin: the real control plane (``controlplane.py``) as fixtures, shared by every test
+tier.
 
 Fixtures:
 
-- ``k8s_control_plane`` (session): etcd + kube-apiserver on 127.0.0.1; a :class:`Cluster` with the admin
-  kubeconfig path and a ``kubernetes.client.ApiClient``. Enough for CRDs, validation, subresources,
-  RBAC, watches and finalizers.
-- ``k8s_workloads`` (session): the same :class:`Cluster`, plus kube-controller-manager, kube-scheduler and
-  kwok with one Ready fake node, so Deployments and StatefulSets really get Pods that turn Ready (pod IPs
-  in 127.1.0.0/16).
+- ``k8s_control_plane`` (session): etcd + kube-apiserver on 127.0.0.1; a :class:`Cluster` with the
+  admin kubeconfig path and a ``kubernetes.client.ApiClient``. Enough for CRDs, validation,
+  subresources, RBAC, watches and finalizers.
+- ``k8s_workloads`` (session): the same :class:`Cluster`, plus kube-controller-manager,
+  kube-scheduler and kwok with one Ready fake node, so Deployments and StatefulSets really get Pods
+  that turn Ready (pod IPs in 127.1.0.0/16).
 - ``k8s_namespace`` (per test): a fresh namespace, deleted afterwards.
 
 Why a plugin module rather than a conftest: tests/e2e and the operator's cluster tests use the same
-session (one control plane per run, a few seconds to start) and the same failure reporting; a plugin is
-registered once with ``pytest_plugins = ["tests.cluster.plugin"]`` in the top-level tests/conftest.py.
+session (one control plane per run, a few seconds to start) and the same failure reporting; a plugin
+is registered once with ``pytest_plugins = ["tests.cluster.plugin"]`` in the top-level
+tests/conftest.py.
 
-Where the binaries are missing (no Go to build them, or ``make k8s`` not run) every test that asks for
-the control plane is skipped with one loud reason -- or fails, when ``CI=true``, so that CI can never
-pass without this tier. When a test that used the control plane fails, the tail of every component's log
-is attached to its report; the full logs stay under pytest's temporary directory.
+Where the binaries are missing (no Go to build them, or ``make k8s`` not run) every test that asks
+for the control plane is skipped with one loud reason -- or fails, when ``CI=true``, so that CI can
+never pass without this tier. When a test that used the control plane fails, the tail of every
+component's log is attached to its report; the full logs stay under pytest's temporary directory.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from tests.cluster import controlplane
 
 FIXTURES = frozenset({"k8s_control_plane", "k8s_workloads", "k8s_namespace"})
@@ -49,7 +50,7 @@ class Cluster:
     kubeconfig: Path
     """Admin kubeconfig (certificates embedded) for kubectl, helm, kopf and the Python client."""
     api_client: Any
-    """A ``kubernetes.client.ApiClient`` on :attr:`kubeconfig`, shared by the session; do not close."""
+    """A ``kubernetes.client.ApiClient`` on :attr:`kubeconfig`, shared by the session."""
     tool_home: Path
     """Scratch HOME for helm/kubectl, so tests never read or write the user's configuration."""
 
@@ -58,7 +59,7 @@ class Cluster:
         return self.control_plane.server
 
     def tool_env(self) -> dict[str, str]:
-        """Environment for CLI tools: this cluster's kubeconfig, and helm/kubectl state kept private."""
+        """Environment for CLI tools: this cluster's kubeconfig, helm/kubectl state kept private."""
         env = dict(os.environ)
         env.update(
             KUBECONFIG=str(self.kubeconfig),
@@ -82,14 +83,16 @@ class Cluster:
 
 
 def _run(argv: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    proc = subprocess.run(
+        argv, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
     if proc.returncode != 0:
         raise subprocess.CalledProcessError(proc.returncode, argv, proc.stdout, proc.stderr)
     return proc
 
 
 def _require_binaries() -> controlplane.Binaries:
-    """The built programs, or skip (fail with CI=true) with one line that says why and what to do."""
+    """The built programs, or skip (fail with CI=true) with one line saying why and what to do."""
     binaries = controlplane.Binaries.locate()
     missing = binaries.missing()
     if not missing:
@@ -137,7 +140,7 @@ def k8s_control_plane(
 
 @pytest.fixture(scope="session")
 def k8s_workloads(k8s_control_plane: Cluster) -> Cluster:
-    """The session's control plane with controller manager, scheduler and a kwok fake node running."""
+    """The session's control plane plus controller manager, scheduler and a kwok fake node."""
     k8s_control_plane.control_plane.start_workloads()
     return k8s_control_plane
 
@@ -146,7 +149,7 @@ def k8s_workloads(k8s_control_plane: Cluster) -> Cluster:
 def k8s_namespace(k8s_control_plane: Cluster, request: pytest.FixtureRequest) -> Iterator[str]:
     """A namespace of its own for this test; deleted (not awaited) afterwards."""
     from kubernetes import client
-    from kubernetes.client.rest import ApiException
+    from kubernetes.client import ApiException
 
     plane = k8s_control_plane.control_plane
     dead = plane.dead_components()
@@ -176,9 +179,12 @@ def k8s_namespace(k8s_control_plane: Cluster, request: pytest.FixtureRequest) ->
 
 
 def _wait_for_service_account(core: Any, namespace: str, timeout: float = 30.0) -> None:
-    from kubernetes import watch
+    from kubernetes import watch as watching
 
-    if core.list_namespaced_service_account(namespace, field_selector="metadata.name=default").items:
+    watch: Any = watching  # its annotations differ between client releases
+    if core.list_namespaced_service_account(
+        namespace, field_selector="metadata.name=default"
+    ).items:
         return
     w = watch.Watch()
     for _event in w.stream(

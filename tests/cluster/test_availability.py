@@ -8,8 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from tests.cluster import plugin
+from tests.cluster import controlplane, plugin
 
 pytestmark = pytest.mark.cluster
 
@@ -41,7 +40,8 @@ def test_missing_binaries_fail_under_ci(empty_cache: Path, monkeypatch: pytest.M
 
 def test_without_go_the_reason_says_so(empty_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CI", raising=False)
-    monkeypatch.setattr(plugin.controlplane, "go_toolchain", lambda: None)
+    monkeypatch.setenv("GO", "no-such-go")
+    assert controlplane.go_toolchain() is None
     with pytest.raises(pytest.skip.Exception) as skipped:
         plugin._require_binaries()
     assert "no Go toolchain" in str(skipped.value)

@@ -1,14 +1,14 @@
 """The real StatefulSet controller's ordering rules, observed through the API.
 
-With ``podManagementPolicy: OrderedReady`` the controller creates pod N+1 only after pod N is Running and
-Ready, and on scale-down removes the highest ordinal first, one at a time. Our operator's upgrade and
-scale logic is built on these rules (FIELD-NOTES section 3), so they are checked here against the real
-controller rather than assumed.
+With ``podManagementPolicy: OrderedReady`` the controller creates pod N+1 only after pod N is
+Running and Ready, and on scale-down removes the highest ordinal first, one at a time. Our
+operator's upgrade and scale logic is built on these rules (FIELD-NOTES section 3), so they are
+checked here against the real controller rather than assumed.
 
-How readiness is held back without sleeping on the controller: every pod is created with a scheduling
-gate, so it stays Pending (unscheduled, not Ready) until the test removes the gate; the scheduler then
-binds it to kwok's fake node and kwok marks it Ready. A watch records every pod event in the order the
-API server emits them; the assertions read that log.
+How readiness is held back without sleeping on the controller: every pod is created with a
+scheduling gate, so it stays Pending (unscheduled, not Ready) until the test removes the gate; the
+scheduler then binds it to kwok's fake node and kwok marks it Ready. A watch records every pod event
+in the order the API server emits them; the assertions read that log.
 """
 
 from __future__ import annotations
@@ -21,12 +21,14 @@ from ipaddress import ip_address, ip_network
 from typing import Any
 
 import pytest
-from kubernetes import client, watch
-
+from kubernetes import client
+from kubernetes import watch as watching
 from tests.cluster import controlplane
 from tests.cluster.plugin import Cluster
 
 pytestmark = pytest.mark.cluster
+
+watch: Any = watching  # its annotations differ between client releases
 
 GATE = "cluster-tier.dsm.test/hold"
 NAME = "web"
@@ -92,7 +94,9 @@ class PodEvents:
                 raise self._error
             return list(self._events)
 
-    def wait_for(self, what: str, check: Callable[[list[PodEvent]], bool], timeout: float = 30) -> None:
+    def wait_for(
+        self, what: str, check: Callable[[list[PodEvent]], bool], timeout: float = 30
+    ) -> None:
         deadline = time.monotonic() + timeout
         with self._changed:
             while not check(self._events):
@@ -100,11 +104,13 @@ class PodEvents:
                     raise self._error
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}: {self._events}")
+                    pytest.fail(
+                        f"timed out after {timeout:.0f} s waiting for {what}: {self._events}"
+                    )
                 self._changed.wait(left)
 
     def assert_no_event(self, name: str, seconds: float) -> None:
-        """Fail if any event for pod ``name`` arrives within ``seconds`` (a bounded negative check)."""
+        """Fail if an event for pod ``name`` arrives within ``seconds`` (bounded negative check)."""
         deadline = time.monotonic() + seconds
         with self._changed:
             while (left := deadline - time.monotonic()) > 0:
@@ -164,20 +170,28 @@ def status_counts(apps: Any, namespace: str) -> tuple[int, int]:
     return status.replicas or 0, status.ready_replicas or 0
 
 
-def created(name: str) -> Callable[[list[PodEvent]], bool]:
-    return lambda evs: any(e.type == "ADDED" and e.name == name for e in evs)
+def is_(what: str, e: PodEvent) -> bool:
+    """Whether event ``e`` shows the pod ``what``: added, ready, deleting (or deleted), deleted."""
+    return {
+        "added": e.type == "ADDED",
+        "ready": e.ready,
+        "deleting": e.deleting or e.type == "DELETED",
+        "deleted": e.type == "DELETED",
+    }[what]
 
 
-def ready(name: str) -> Callable[[list[PodEvent]], bool]:
-    return lambda evs: any(e.name == name and e.ready for e in evs)
+def happened(name: str, what: str) -> Callable[[list[PodEvent]], bool]:
+    """A check for :meth:`PodEvents.wait_for`: pod ``name`` was seen ``what``."""
+
+    def check(events: list[PodEvent]) -> bool:
+        return any(e.name == name and is_(what, e) for e in events)
+
+    return check
 
 
-def deleted(name: str) -> Callable[[list[PodEvent]], bool]:
-    return lambda evs: any(e.type == "DELETED" and e.name == name for e in evs)
-
-
-def first(evs: list[PodEvent], match: Callable[[PodEvent], bool]) -> int:
-    return next(i for i, e in enumerate(evs) if match(e))
+def first(events: list[PodEvent], name: str, what: str) -> int:
+    """Position in the watch log of the first event that shows pod ``name`` ``what``."""
+    return next(i for i, e in enumerate(events) if e.name == name and is_(what, e))
 
 
 def test_ordered_ready_creates_one_pod_at_a_time_and_scales_down_from_the_top(
@@ -189,37 +203,43 @@ def test_ordered_ready_creates_one_pod_at_a_time_and_scales_down_from_the_top(
 
     for ordinal in range(3):
         pod = f"{NAME}-{ordinal}"
-        pod_events.wait_for(f"{pod} to be created", created(pod))
+        pod_events.wait_for(f"{pod} to be created", happened(pod, "added"))
         # Pod N is held unready by its gate. The controller has seen it (its status counts it) and
         # gets a few seconds more to create N+1 anyway; OrderedReady says it must not.
         wait_until(
             f"StatefulSet status to count {pod} as created but not Ready",
-            lambda o=ordinal: status_counts(apps, k8s_namespace) == (o + 1, o),
+            lambda: status_counts(apps, k8s_namespace) == (ordinal + 1, ordinal),  # noqa: B023
         )
         pod_events.assert_no_event(f"{NAME}-{ordinal + 1}", seconds=3)
         core.patch_namespaced_pod(
             pod, k8s_namespace, [{"op": "remove", "path": "/spec/schedulingGates"}]
         )
-        pod_events.wait_for(f"{pod} to be Ready", ready(pod))
+        pod_events.wait_for(f"{pod} to be Ready", happened(pod, "ready"))
 
     events = pod_events.snapshot()
     for ordinal in (1, 2):
-        prev_ready = first(events, lambda e, o=ordinal: e.name == f"{NAME}-{o - 1}" and e.ready)
-        this_added = first(events, lambda e, o=ordinal: e.type == "ADDED" and e.name == f"{NAME}-{o}")
-        assert prev_ready < this_added, f"{NAME}-{ordinal} created before {NAME}-{ordinal - 1} Ready"
+        before, pod = f"{NAME}-{ordinal - 1}", f"{NAME}-{ordinal}"
+        assert first(events, before, "ready") < first(events, pod, "added"), (
+            f"{pod} created before {before} was Ready: {events}"
+        )
 
     pod_cidr = ip_network(controlplane.POD_CIDR)
-    for pod in core.list_namespaced_pod(k8s_namespace).items:
-        assert pod.spec.node_name == controlplane.FAKE_NODE
-        assert ip_address(pod.status.pod_ip) in pod_cidr, pod.status.pod_ip
-        assert ip_address(pod.status.pod_ip).is_loopback
+    node = core.read_node(controlplane.FAKE_NODE)
+    assert node.status is not None and node.status.addresses
+    assert all(
+        ip_address(a.address).is_loopback for a in node.status.addresses if a.type.endswith("IP")
+    )
+    pods: list[Any] = core.list_namespaced_pod(k8s_namespace).items
+    for item in pods:
+        assert item.spec.node_name == controlplane.FAKE_NODE
+        assert ip_address(item.status.pod_ip) in pod_cidr, item.status.pod_ip
+        assert ip_address(item.status.pod_ip).is_loopback
 
     # Scale down to one: web-2 goes first and is gone before web-1's deletion starts.
     apps.patch_namespaced_stateful_set_scale(NAME, k8s_namespace, {"spec": {"replicas": 1}})
-    pod_events.wait_for(f"{NAME}-1 to be deleted", deleted(f"{NAME}-1"))
+    pod_events.wait_for(f"{NAME}-1 to be deleted", happened(f"{NAME}-1", "deleted"))
     events = pod_events.snapshot()
-    start_2 = first(events, lambda e: e.name == f"{NAME}-2" and (e.deleting or e.type == "DELETED"))
-    gone_2 = first(events, lambda e: e.name == f"{NAME}-2" and e.type == "DELETED")
-    start_1 = first(events, lambda e: e.name == f"{NAME}-1" and (e.deleting or e.type == "DELETED"))
-    assert start_2 < gone_2 < start_1, events
-    assert not any(e.name == f"{NAME}-0" and (e.deleting or e.type == "DELETED") for e in events)
+    top, middle = f"{NAME}-2", f"{NAME}-1"
+    assert first(events, top, "deleting") < first(events, top, "deleted"), events
+    assert first(events, top, "deleted") < first(events, middle, "deleting"), events
+    assert not happened(f"{NAME}-0", "deleting")(events), events
