@@ -40,6 +40,7 @@ class Node:
         self.config = config
         self.caches = Caches()
         self.engine: AsyncEngine | None = None
+        self.housekeeping_engine: AsyncEngine | None = None
         self.pool: JobPool | None = None
         self.membership: Membership | None = None
         self.worker: Worker | None = None
@@ -95,6 +96,10 @@ class Node:
             pool_size=cfg.db_pool_size,
             application_name=f"dsm-node:{cfg.node_name}",
         )
+        # Membership has connections of its own: a heartbeat must never queue behind busy jobs.
+        self.housekeeping_engine = create_engine(
+            cfg.database_url, pool_size=2, application_name=f"dsm-node:{cfg.node_name}:membership"
+        )
         extra = [cfg.extra_migrations_dir] if cfg.extra_migrations_dir else None
         self.phase = "migrating"
         try:
@@ -125,7 +130,7 @@ class Node:
         )
 
         self.pool = JobPool(self.engine)
-        self.membership = Membership(self.engine)
+        self.membership = Membership(self.housekeeping_engine)
         self._identity = await self.membership.register(
             cfg.node_name, cfg.address, cfg.api_port, cfg.software_version
         )
@@ -176,22 +181,34 @@ class Node:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self.engine is not None:
-            await self.engine.dispose()
+        for engine in (self.engine, self.housekeeping_engine):
+            if engine is not None:
+                await engine.dispose()
         self.phase = "stopped"
 
     # -- background loops -----------------------------------------------------------------
 
     async def _heartbeat_loop(self) -> None:
         assert self.membership is not None and self.worker is not None
+        beat: asyncio.Task[None] | None = None
+        beat_started = 0.0
         while True:
             interval = self._settings.heartbeat_interval_seconds
             threshold = self._settings.offline_threshold_seconds
             t0 = time.monotonic()
-            try:
-                await asyncio.wait_for(self._beat(threshold), timeout=interval)
-            except Exception as e:
-                log.warning("heartbeat failed: %s", _first_line(e) or type(e).__name__)
+            if beat is None or beat.done():
+                beat = asyncio.create_task(self._beat(threshold))
+                beat_started = t0
+            # Never cancel a beat stuck on a dead connection (cancelling would itself wait on
+            # that connection); keep checking the lease while it hangs.
+            await asyncio.wait({beat}, timeout=interval)
+            if beat.done():
+                if not beat.cancelled() and (e := beat.exception()) is not None:
+                    log.warning("heartbeat failed: %s", _first_line(e) or type(e).__name__)
+            else:
+                log.warning(
+                    "heartbeat waiting on the database for %.1f s", time.monotonic() - beat_started
+                )
             age = self.heartbeat_age() or 0.0
             metrics.HEARTBEAT_AGE.set(age)
             if not self._fenced and age > fence_after(threshold):

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from dsm_node import metrics
@@ -35,7 +35,8 @@ class WorkerConfig:
     batch: int = 32
     poll_interval: float = 1.0
     completion_flush_interval: float = 0.005
-    backoff: states.Backoff = states.Backoff()
+    transactional_concurrency: int = 8
+    backoff: states.Backoff = field(default_factory=states.Backoff)
 
 
 class Worker:
@@ -58,6 +59,7 @@ class Worker:
         self._paused_reason: str | None = "starting"
         self._stopping = False
         self._abandoned: list[int] = []
+        self._tx_slots = asyncio.Semaphore(config.transactional_concurrency)
 
     # -- control --------------------------------------------------------------------------
 
@@ -136,7 +138,7 @@ class Worker:
             jt = self.pool.registry.get(job.type)
             ctx = JobContext(job.id, job.attempt, me.name, self.services)
             if jt.transactional:
-                async with self.pool.engine.begin() as conn:
+                async with self._tx_slots, self.pool.engine.begin() as conn:
                     ctx.conn = conn
                     await asyncio.wait_for(jt.handler(ctx, job.payload), job.timeout_seconds)
                     if not await self.pool.complete_in(conn, me.node_id, [(job.id, job.attempt)]):

@@ -1,0 +1,230 @@
+"""Real node processes against a real PostgreSQL: exactly-once effects, takeover after SIGKILL,
+fencing after SIGSTOP, self-fencing when cut off from the database, local and periodic jobs,
+simultaneous start, graceful halt.
+
+Timings are shortened through the cluster settings (heartbeat and offline threshold); assertions
+are about behaviour and order, never about how fast something was.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import signal
+import time
+
+import pytest
+
+from tests.support.jobtypes import CREATE_EFFECTS
+from tests.support.nodes import Cluster, query, set_settings, wait_until
+from tests.support.tcpproxy import Proxy
+
+pytestmark = pytest.mark.integration
+
+THRESHOLD = 5.0
+
+
+def fast_settings(url: str, threshold: float = THRESHOLD) -> None:
+    query(url, CREATE_EFFECTS)
+    set_settings(url, heartbeat_interval_seconds=0.5, offline_threshold_seconds=threshold)
+
+
+def effects_per_job(url: str) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    for job_id, node in query(url, "SELECT job_id, node FROM test_effects ORDER BY at"):
+        out.setdefault(job_id, []).append(node)
+    return out
+
+
+def pending(url: str) -> int:
+    return int(query(url, "SELECT count(*) FROM jobs WHERE type = 'record_effect'")[0][0])
+
+
+def submit(node, jobs: list[dict]) -> list[int]:  # type: ignore[no-untyped-def]
+    status, body = node.request("POST", "/api/jobs", {"jobs": jobs})
+    assert status == 201, body
+    return list(body["ids"])
+
+
+def node_status(url: str, name: str) -> str:
+    return str(query(url, "SELECT status FROM nodes WHERE name = %s", (name,))[0][0])
+
+
+def test_three_nodes_run_5000_jobs_each_effect_exactly_once(dsm_cluster: Cluster) -> None:
+    url = dsm_cluster.database_url
+    fast_settings(url, threshold=30)
+    nodes = [dsm_cluster.start(f"node-{i}") for i in (1, 2, 3)]
+    ids: list[int] = []
+    for chunk in range(5):  # through different nodes, in batches
+        ids += submit(nodes[chunk % 3], [{"type": "record_effect"}] * 1000)
+    assert len(set(ids)) == 5000
+    wait_until(lambda: pending(url) == 0, 120, "all jobs done", dsm_cluster.logs)
+    effects = effects_per_job(url)
+    assert set(effects) == set(ids)
+    assert all(len(v) == 1 for v in effects.values()), "an effect happened twice"
+    per_node = dict(query(url, "SELECT node, count(*) FROM test_effects GROUP BY node"))
+    assert set(per_node) == {"node-1", "node-2", "node-3"}, per_node
+    assert min(per_node.values()) >= 250, f"work was not spread: {per_node}"
+    (done,) = query(
+        url,
+        "SELECT count(*) FROM job_history WHERE outcome = 'succeeded' AND type = 'record_effect'",
+    )[0]
+    assert done == 5000
+
+
+def test_sigkilled_node_jobs_run_elsewhere_after_the_threshold(dsm_cluster: Cluster) -> None:
+    url = dsm_cluster.database_url
+    fast_settings(url)
+    a = dsm_cluster.start("a")
+    ids = submit(
+        a, [{"type": "record_effect", "payload": {"sleep_before": 600, "slow_attempts": 1}}] * 20
+    )
+    wait_until(
+        lambda: query(url, "SELECT count(*) FROM jobs WHERE state = 'running'")[0][0] == 20,
+        30,
+        "a holds all jobs",
+    )
+    b = dsm_cluster.start("b")
+    killed_at = time.time()
+    a.kill()
+    wait_until(lambda: pending(url) == 0, 60, "b finishes a's jobs", dsm_cluster.logs)
+    effects = effects_per_job(url)
+    assert set(effects) == set(ids) and all(v == ["b"] for v in effects.values())
+    assert node_status(url, "a") == "offline"
+    # takeover waited for the threshold: nothing was taken from a before it
+    (first_effect,) = query(url, "SELECT extract(epoch FROM min(at)) FROM test_effects")[0]
+    assert float(first_effect) - killed_at >= THRESHOLD - 1.0
+    assert "declared a offline" in b.log_text()
+
+
+def test_paused_node_cannot_finish_jobs_taken_over_and_rejoins(dsm_cluster: Cluster) -> None:
+    url = dsm_cluster.database_url
+    fast_settings(url)
+    a = dsm_cluster.start("a")
+    # a writes the effect, then is paused before it can commit the job
+    ids = submit(
+        a, [{"type": "record_effect", "payload": {"sleep_after_write": 3, "slow_attempts": 1}}] * 10
+    )
+    wait_until(
+        lambda: query(url, "SELECT count(*) FROM jobs WHERE state = 'running'")[0][0] == 10,
+        30,
+        "a holds all jobs",
+    )
+    a.signal(signal.SIGSTOP)
+    b = dsm_cluster.start("b")
+    wait_until(lambda: pending(url) == 0, 60, "b finishes the jobs", dsm_cluster.logs)
+    assert node_status(url, "a") == "offline"
+    a.signal(signal.SIGCONT)
+    wait_until(
+        lambda: "rejoining" in a.log_text(), 30, "a notices it was declared offline", a.log_tail
+    )
+    a.wait_ready(30)
+    assert node_status(url, "a") == "online"
+    (epoch,) = query(url, "SELECT epoch FROM nodes WHERE name = 'a'")[0]
+    assert epoch == 2
+    time.sleep(4)  # a's sleeping handlers wake up and try to finish
+    effects = effects_per_job(url)
+    assert set(effects) == set(ids)
+    assert all(v == ["b"] for v in effects.values()), effects
+    assert "claim lost" in a.log_text() or "abandoned" in a.log_text()
+    assert b.proc is not None and b.proc.poll() is None
+
+
+def test_node_cut_off_from_the_database_stops_before_peers_take_over(
+    dsm_cluster: Cluster, pg_server
+) -> None:  # type: ignore[no-untyped-def]
+    url = dsm_cluster.database_url
+    fast_settings(url, threshold=6)
+    port = int(re.search(r":(\d+)/", url).group(1))  # type: ignore[union-attr]
+    proxy = Proxy(port)
+    try:
+        a = dsm_cluster.start("a", database_url=url.replace(f":{port}/", f":{proxy.port}/"))
+        ids = submit(
+            a, [{"type": "record_effect", "payload": {"sleep_before": 600, "slow_attempts": 1}}] * 8
+        )
+        wait_until(
+            lambda: query(url, "SELECT count(*) FROM jobs WHERE state = 'running'")[0][0] == 8,
+            30,
+            "a holds all jobs",
+        )
+        b = dsm_cluster.start("b")
+        proxy.cut()
+        wait_until(lambda: pending(url) == 0, 60, "b finishes a's jobs", dsm_cluster.logs)
+        (offline_at,) = query(url, "SELECT status_changed_at FROM nodes WHERE name = 'a'")[0]
+        m = re.search(r"^(\S+)Z .*stopped claiming jobs", a.log_text(), re.MULTILINE)
+        assert m, a.log_tail()
+        fenced_at = dt.datetime.fromisoformat(m.group(1)).replace(tzinfo=dt.UTC)
+        assert fenced_at < offline_at, (fenced_at, offline_at)
+        assert all(v == ["b"] for v in effects_per_job(url).values())
+        assert set(effects_per_job(url)) == set(ids)
+        proxy.restore()
+        wait_until(lambda: node_status(url, "a") == "online", 60, "a back online", a.log_tail)
+        assert b.proc is not None and b.proc.poll() is None
+    finally:
+        proxy.close()
+
+
+def test_local_jobs_run_once_on_each_online_node(dsm_cluster: Cluster) -> None:
+    url = dsm_cluster.database_url
+    fast_settings(url)
+    a, b, c = (dsm_cluster.start(n) for n in "abc")
+    c.kill()
+    wait_until(lambda: node_status(url, "c") == "offline", 30, "c offline")
+    status, body = a.request("POST", "/api/jobs", {"type": "clear_caches"})
+    assert status == 201 and len(body["ids"]) == 2
+    wait_until(lambda: query(url, "SELECT count(*) FROM jobs")[0][0] == 0, 30, "local jobs done")
+    rows = query(
+        url,
+        "SELECT n.name, t.name, h.outcome FROM job_history h "
+        "JOIN nodes n ON n.id = h.node_id JOIN nodes t ON t.id = h.target_node "
+        "WHERE h.type = 'clear_caches'",
+    )
+    assert sorted(rows) == [("a", "a", "succeeded"), ("b", "b", "succeeded")]
+    assert "cleared" in a.log_text() and "cleared" in b.log_text()
+
+
+def test_periodic_job_runs_once_per_period_across_three_nodes(dsm_cluster: Cluster) -> None:
+    url = dsm_cluster.database_url
+    fast_settings(url)
+    modules = "tests.support.jobtypes,tests.support.periodic"
+    for n in ("a", "b", "c"):
+        dsm_cluster.start(n, DSM_JOB_MODULES=modules)
+    time.sleep(7)
+    runs = query(url, "SELECT slot, job_id FROM periodic_runs WHERE name = 'test_tick'")
+    assert len(runs) >= 3
+    assert len({slot for slot, _ in runs}) == len(runs)
+    wait_until(lambda: pending(url) == 0, 30, "periodic jobs done")
+    effects = effects_per_job(url)
+    assert all(len(effects[job_id]) == 1 for _, job_id in runs)
+
+
+def test_two_nodes_started_at_the_same_instant_on_an_empty_database(
+    dsm_cluster: Cluster, empty_database_url: str
+) -> None:
+    a = dsm_cluster.start("a", wait=False, database_url=empty_database_url)
+    b = dsm_cluster.start("b", wait=False, database_url=empty_database_url)
+    a.wait_ready()
+    b.wait_ready()
+    assert query(empty_database_url, "SELECT schema_version FROM dsm_schema") == [(1,)]
+    assert sorted(query(empty_database_url, "SELECT name, status FROM nodes")) == [
+        ("a", "online"),
+        ("b", "online"),
+    ]
+    logs = a.log_text() + b.log_text()
+    assert logs.count("applying migration 0001_initial") == 1
+
+
+def test_sigterm_releases_jobs_and_shows_offline_at_once(dsm_cluster: Cluster) -> None:
+    url = dsm_cluster.database_url
+    fast_settings(url, threshold=60)  # far longer than the test: no takeover can explain it
+    a = dsm_cluster.start("a", DSM_SHUTDOWN_GRACE_SECONDS="1")
+    (job_id,) = submit(
+        a, [{"type": "record_effect", "payload": {"sleep_before": 600, "slow_attempts": 1}}]
+    )
+    wait_until(lambda: query(url, "SELECT state FROM jobs")[0][0] == "running", 30, "running")
+    assert a.stop() == 0
+    assert node_status(url, "a") == "offline"
+    assert query(url, "SELECT state, owner_node FROM jobs") == [("ready", None)]
+    b = dsm_cluster.start("b")
+    wait_until(lambda: pending(url) == 0, 30, "b runs the released job", b.log_tail)
+    assert effects_per_job(url) == {job_id: ["b"]}

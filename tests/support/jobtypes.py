@@ -1,0 +1,42 @@
+"""Job types used by tests, loaded into node processes with DSM_JOB_MODULES=tests.support.jobtypes.
+
+``record_effect`` is transactional: it writes one row per execution into ``test_effects`` in the
+same transaction that completes the job, so the table shows how often each job's effect happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from sqlalchemy import text
+
+from dsm_node.jobs.registry import JobContext, Payload, job_type
+
+CREATE_EFFECTS = """
+CREATE TABLE IF NOT EXISTS test_effects (
+    job_id bigint NOT NULL,
+    node text NOT NULL,
+    attempt integer NOT NULL,
+    at timestamptz NOT NULL DEFAULT clock_timestamp()
+)
+"""
+
+
+@job_type("record_effect", transactional=True, max_attempts=20, timeout=120)
+async def record_effect(ctx: JobContext, payload: Payload) -> None:
+    """Writes (job, node, attempt) into test_effects; optional sleeps before and after the write,
+    only in the first ``slow_attempts`` attempts (all of them by default)."""
+    assert ctx.conn is not None
+    slow = ctx.attempt <= int(payload.get("slow_attempts", 1_000_000))
+    await asyncio.sleep(float(payload.get("sleep_before", 0)) if slow else 0)
+    await ctx.conn.execute(
+        text("INSERT INTO test_effects (job_id, node, attempt) VALUES (:j, :n, :a)"),
+        {"j": ctx.job_id, "n": ctx.node_name, "a": ctx.attempt},
+    )
+    await asyncio.sleep(float(payload.get("sleep_after_write", 0)) if slow else 0)
+
+
+@job_type("always_fails", max_attempts=3, timeout=10)
+async def always_fails(ctx: JobContext, payload: Payload) -> None:
+    """Raises every time: exercises retries and the dead-letter state."""
+    raise RuntimeError(f"failing on purpose (attempt {ctx.attempt})")
