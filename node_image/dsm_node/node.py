@@ -266,8 +266,8 @@ class Node:
         for jtype, state, n in await self.pool.queue_depth():
             metrics.QUEUE_DEPTH.labels(jtype, state).set(n)
         metrics.NODE_STATUS.clear()
-        for n in await self.membership.list_nodes(threshold):
-            metrics.NODE_STATUS.labels(n["name"], n["status"]).set(1)
+        for peer in await self.membership.list_nodes(threshold):
+            metrics.NODE_STATUS.labels(peer["name"], peer["status"]).set(1)
 
     async def _schedule_loop(self) -> None:
         assert self.pool is not None

@@ -3,10 +3,10 @@ with a 4xx that names the problem (never a 5xx)."""
 
 from __future__ import annotations
 
-import pytest
-
 from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from tests.support.nodes import Cluster, NodeProcess, query
 from tests.support.postgres import Server
@@ -15,8 +15,9 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def node(pg_server: Server, pg_template: str, tmp_path_factory: pytest.TempPathFactory
-         ) -> Iterator[NodeProcess]:
+def node(
+    pg_server: Server, pg_template: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[NodeProcess]:
     """One node for the whole module: these tests only read or are refused."""
     url = pg_server.create("api_tests", template=pg_template)
     cluster = Cluster(url, Path(tmp_path_factory.mktemp("api")))
@@ -43,8 +44,13 @@ def test_health_ready_metrics_and_nodes(node: NodeProcess) -> None:
     ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
     with urllib.request.urlopen(node.url + "/metrics", context=ctx) as r:
         text = r.read().decode()
-    for metric in ("dsm_jobs_total", "dsm_job_claim_duration_seconds", "dsm_queue_depth",
-                   "dsm_node_status", "dsm_heartbeat_age_seconds"):
+    for metric in (
+        "dsm_jobs_total",
+        "dsm_job_claim_duration_seconds",
+        "dsm_queue_depth",
+        "dsm_node_status",
+        "dsm_heartbeat_age_seconds",
+    ):
         assert metric in text
 
 
@@ -53,11 +59,15 @@ def test_enqueue_get_and_stats(node: NodeProcess) -> None:
     assert status == 201 and len(body["ids"]) == 3
     status, job = node.request("GET", f"/api/jobs/{body['ids'][0]}")
     assert status == 200 and job["type"] == "noop"
-    status, dup = node.request("POST", "/api/jobs", {"type": "sleep", "payload": {"seconds": 60},
-                                                    "uniqueKey": "k", "delaySeconds": 600})
+    status, dup = node.request(
+        "POST",
+        "/api/jobs",
+        {"type": "sleep", "payload": {"seconds": 60}, "uniqueKey": "k", "delaySeconds": 600},
+    )
     assert status == 201
-    status, dup = node.request("POST", "/api/jobs", {"type": "sleep", "payload": {"seconds": 60},
-                                                    "uniqueKey": "k"})
+    status, dup = node.request(
+        "POST", "/api/jobs", {"type": "sleep", "payload": {"seconds": 60}, "uniqueKey": "k"}
+    )
     assert (status, dup) == (200, {"ids": [], "duplicates": 1})
     status, stats = node.request("GET", "/api/jobs/stats?windowSeconds=600")
     assert status == 200 and set(stats) == {"windowSeconds", "byNode", "byType", "byNodeAndType"}
@@ -98,8 +108,11 @@ BAD_REQUESTS = [
 ]
 
 
-@pytest.mark.parametrize(("method", "path", "raw", "status", "words"), BAD_REQUESTS,
-                         ids=[f"{m} {p} {r!r}"[:60] for m, p, r, _, _ in BAD_REQUESTS])
+@pytest.mark.parametrize(
+    ("method", "path", "raw", "status", "words"),
+    BAD_REQUESTS,
+    ids=[f"{m} {p} {r!r}"[:60] for m, p, r, _, _ in BAD_REQUESTS],
+)
 def test_malformed_requests_get_4xx_naming_the_problem(
     node: NodeProcess, method: str, path: str, raw: bytes | None, status: int, words: str
 ) -> None:
@@ -109,8 +122,10 @@ def test_malformed_requests_get_4xx_naming_the_problem(
 
 
 def test_malformed_requests_store_nothing(node: NodeProcess) -> None:
-    count = ("SELECT (SELECT count(*) FROM jobs WHERE type NOT LIKE '%_job_%') + "
-             "(SELECT count(*) FROM job_history WHERE type NOT LIKE '%_job_%')")
+    count = (
+        "SELECT (SELECT count(*) FROM jobs WHERE type NOT LIKE '%_job_%') + "
+        "(SELECT count(*) FROM job_history WHERE type NOT LIKE '%_job_%')"
+    )
     before = query(node.database_url, count)
     for _, path, raw, _, _ in BAD_REQUESTS:
         if path == "/api/jobs" and raw:

@@ -15,8 +15,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from dsm_node.cluster.membership import Identity, Membership
 from dsm_node.db.engine import create_engine
 from dsm_node.db.queries import Q
-from dsm_node.jobs import builtin  # noqa: F401
-from dsm_node.jobs import states
+from dsm_node.jobs import (
+    builtin,  # noqa: F401
+    states,
+)
 from dsm_node.jobs.pool import JobPool, NewJob
 from dsm_node.jobs.registry import REGISTRY, Periodic, Registry
 from tests.support import jobtypes  # noqa: F401

@@ -3,6 +3,7 @@ connections stay open, as in a network partition), and new connections hang."""
 
 from __future__ import annotations
 
+import contextlib
 import selectors
 import socket
 import threading
@@ -66,10 +67,8 @@ class Proxy:
                             s.close()
                             peers.pop(s, None)
                     continue
-                try:
+                with contextlib.suppress(OSError):
                     other.sendall(data)
-                except OSError:
-                    pass
             if self._cut.is_set():
                 self._stop.wait(0.05)
         sel.close()

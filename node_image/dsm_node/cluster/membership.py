@@ -109,7 +109,7 @@ class Membership:
         return SweepResult([(r.name, float(r.silent_seconds)) for r in gone], requeued, discarded)
 
     async def leave(self, me: Identity, reason: str) -> None:
-        """Marks this node offline at once (a halted node shows Offline) and drops its local jobs."""
+        """Marks this node offline at once (a halted node shows Offline); drops its local jobs."""
         async with self.engine.begin() as conn:
             await conn.execute(
                 Q.leave, {"node_id": me.node_id, "epoch": me.epoch, "reason": reason}

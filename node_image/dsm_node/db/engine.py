@@ -1,4 +1,4 @@
-"""Creates the SQLAlchemy engines (psycopg 3 underneath) with the session settings the node needs."""
+"""Creates SQLAlchemy engines (psycopg 3 underneath) with the session settings a node needs."""
 
 from __future__ import annotations
 

@@ -205,7 +205,7 @@ SELECT type, state, count(*) AS n FROM jobs GROUP BY type, state;
 -- Rolled-up minutes below the watermark plus the raw tail above it.
 WITH w AS (SELECT rolled_until FROM job_counts_watermark),
 cutoff AS (SELECT now() - make_interval(secs => :window) AS t)
-SELECT s.node_id, n.name AS node, s.type, s.outcome, CAST(sum(s.n) AS bigint) AS count
+SELECT s.node_id, n.name AS node, s.type, s.outcome, CAST(sum(s.n) AS bigint) AS jobs
 FROM (
     SELECT c.node_id, c.type, c.outcome, c.count AS n
     FROM job_counts c, w, cutoff

@@ -249,7 +249,7 @@ class JobPool:
                     "node": r.node or f"node-{r.node_id}",
                     "type": r.type,
                     "outcome": r.outcome,
-                    "count": int(r.count),
+                    "count": int(r.jobs),
                 }
                 for r in rows
             ]

@@ -30,8 +30,8 @@ class Backoff:
 
     def delay(self, attempt: int, rnd: random.Random | None = None) -> float:
         raw = min(self.max_seconds, self.base_seconds * (2 ** max(0, attempt - 1)))
-        r = (rnd or random).uniform(-self.jitter, self.jitter)
-        return max(0.0, raw * (1 + r))
+        r = float((rnd or random).uniform(-self.jitter, self.jitter))
+        return max(0.0, float(raw) * (1 + r))
 
 
 @dataclass(frozen=True)

@@ -124,9 +124,11 @@ class Worker:
             if len(jobs) < want:
                 await self._sleep(self._wake, cfg.poll_interval)
 
-    async def _sleep(self, event: asyncio.Event, timeout: float) -> None:
+    async def _sleep(self, event: asyncio.Event, seconds: float) -> None:
+        """Waits for the event or the time, whichever comes first."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), timeout)
+            async with asyncio.timeout(seconds):
+                await event.wait()
         event.clear()
 
     # -- running one job ------------------------------------------------------------------
