@@ -1,7 +1,9 @@
 """A readable snapshot of a database's schema, to compare what the migrations build with the
 committed ``node_image/dsm_node/db/schema.txt``.
 
-Regenerate after adding a migration:  python -m tests.support.schema postgresql://...  > node_image/dsm_node/db/schema.txt
+Regenerate after adding a migration:
+
+    python -m tests.support.schema postgresql://... > node_image/dsm_node/db/schema.txt
 """
 
 from __future__ import annotations
