@@ -241,6 +241,40 @@ class ControlPlane:
         t0 = time.monotonic()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._pki = certificates.generate(self.workdir / "pki", service_ip=SERVICE_IP)
+        self._retry_port_races(self._start_apiserver)
+        self._write_kubeconfig()
+        self.timings["apiserver_ready_s"] = time.monotonic() - t0
+
+    def start_workloads(self) -> None:
+        """Add controller manager, scheduler and kwok with one Ready fake node (idempotent)."""
+        if self.workloads_running:
+            return
+        t0 = time.monotonic()
+        self._retry_port_races(self._start_workloads)
+        self.workloads_running = True
+        self.timings["workloads_ready_s"] = time.monotonic() - t0
+
+    def _retry_port_races(self, start: Callable[[], None]) -> None:
+        """Run ``start``; again with fresh ports when a component lost its port to another
+        process between :func:`free_port` and its bind (other test runs share this machine)."""
+        for attempt in range(1, 4):
+            before = set(self.components)
+            try:
+                start()
+                return
+            except ComponentFailed:
+                spawned = [n for n in self.components if n not in before]
+                lost_port = any(
+                    "address already in use" in self.components[n].log_tail(400) for n in spawned
+                )
+                if not lost_port or attempt == 3:
+                    raise  # components stay listed, so their logs reach the failure report
+                for name in reversed(spawned):
+                    self.components.pop(name).stop()
+
+    def _start_apiserver(self) -> None:
+        assert self._pki is not None
+        shutil.rmtree(self.workdir / "etcd", ignore_errors=True)  # from an attempt that lost a port
         etcd_client, etcd_peer = free_port(), free_port()
         etcd = self._spawn(
             "etcd",
@@ -288,16 +322,10 @@ class ControlPlane:
         )
         ctx = self._client_tls()
         self._wait(apiserver, lambda: _http_ok(HOST, self.apiserver_port, "/readyz", ctx))
-        self._write_kubeconfig()
-        self.timings["apiserver_ready_s"] = time.monotonic() - t0
 
-    def start_workloads(self) -> None:
-        """Add controller manager, scheduler and kwok with one Ready fake node (idempotent)."""
-        if self.workloads_running:
-            return
+    def _start_workloads(self) -> None:
         if self._pki is None:
             raise RuntimeError("start() the control plane first")
-        t0 = time.monotonic()
         pki = self._pki
         kc = str(self.kubeconfig)
         cm_port, sched_port = free_port(), free_port()
@@ -317,6 +345,10 @@ class ControlPlane:
                 f"--cluster-signing-key-file={pki.ca_key}",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
                 "--use-service-account-credentials",
+                # At start-up every controller gets its own service account and token; the default
+                # client limit of 20 requests/s turns that into ~5 s before pods can be created.
+                "--kube-api-qps=500",
+                "--kube-api-burst=1000",
                 "--leader-elect=false",
                 "--v=1",
             ],
@@ -361,8 +393,6 @@ class ControlPlane:
         self._wait(scheduler, lambda: _http_ok(HOST, sched_port, "/healthz", insecure))
         self._register_fake_node()
         self._wait(kwok, self._fake_node_ready)
-        self.workloads_running = True
-        self.timings["workloads_ready_s"] = time.monotonic() - t0
 
     def stop(self) -> None:
         """Stop every component, newest first; logs and the working directory stay for reading."""

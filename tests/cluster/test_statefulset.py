@@ -210,7 +210,7 @@ def test_ordered_ready_creates_one_pod_at_a_time_and_scales_down_from_the_top(
             f"StatefulSet status to count {pod} as created but not Ready",
             lambda: status_counts(apps, k8s_namespace) == (ordinal + 1, ordinal),  # noqa: B023
         )
-        pod_events.assert_no_event(f"{NAME}-{ordinal + 1}", seconds=3)
+        pod_events.assert_no_event(f"{NAME}-{ordinal + 1}", seconds=2)
         core.patch_namespaced_pod(
             pod, k8s_namespace, [{"op": "remove", "path": "/spec/schedulingGates"}]
         )
