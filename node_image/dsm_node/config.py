@@ -9,7 +9,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dsm_node import __version__
@@ -40,11 +40,35 @@ class NodeConfig(BaseSettings):
     shutdown_grace_seconds: float = Field(
         30.0, ge=0, description="On SIGTERM, how long running jobs may finish before release."
     )
+    local_secret: SecretStr | None = Field(
+        None, description="Secret that unwraps the master key; the same on every node."
+    )
+    local_secret_file: Path | None = Field(None, description="File holding the local secret.")
+    admin_username: str = Field("admin", description="First administrator, created once.")
+    admin_password: SecretStr | None = Field(None, description="First administrator's password.")
+    admin_password_file: Path | None = Field(None, description="File holding admin_password.")
+    bootstrap_api_key: SecretStr | None = Field(
+        None, description="Administrator API key registered on first start (the operator's)."
+    )
+    bootstrap_api_key_file: Path | None = Field(None, description="File holding the API key.")
+    clock_offset_seconds: float = Field(
+        0.0, description="Test-only: shifts this node's wall clock (its liveness never uses it)."
+    )
     extra_migrations_dir: Path | None = Field(None, description="Test-only extra migrations.")
     job_modules: str = Field(
         "", description="Comma-separated Python modules to import: they register more job types."
     )
     db_pool_size: int = Field(10, ge=2, le=200, description="Database connections of this node.")
+
+    def secret(self, name: str) -> str | None:
+        """A secret from its value or its file (Kubernetes mounts Secrets as files)."""
+        value: SecretStr | None = getattr(self, name)
+        path: Path | None = getattr(self, f"{name}_file")
+        if value is not None:
+            return value.get_secret_value()
+        if path is not None:
+            return path.read_text().strip()
+        return None
 
     @property
     def address(self) -> str:

@@ -60,3 +60,13 @@ CACHE_CLEARS = Counter(
     "Times this node's caches were cleared",
     registry=REGISTRY,
 )
+CLOCK_SKEW = Gauge(
+    "dsm_clock_skew_seconds",
+    "This node's clock minus the database's",
+    registry=REGISTRY,
+)
+TIME_OUT_OF_SYNC = Gauge(
+    "dsm_time_out_of_sync",
+    "1 while the Manager Time Out of Sync alert is raised for this node",
+    registry=REGISTRY,
+)

@@ -11,24 +11,34 @@ import asyncio
 import contextlib
 import importlib
 import logging
+import os
 import time
 from typing import Any
 
 import psycopg
+import sqlalchemy.exc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from dsm_node import metrics, settings_store
+from dsm_node import auth, crypto, keys, metrics, settings_store
 from dsm_node.caches import Caches
-from dsm_node.cluster.membership import Identity, Membership
+from dsm_node.cluster import joining
+from dsm_node.cluster.membership import Decommissioned, Identity, Membership
 from dsm_node.cluster.status import fence_after
 from dsm_node.config import NodeConfig
-from dsm_node.db import migrating
 from dsm_node.db.engine import create_engine, libpq_url
 from dsm_node.jobs import builtin  # noqa: F401  (registers the built-in job types)
 from dsm_node.jobs.pool import JobPool
 from dsm_node.jobs.worker import Worker, WorkerConfig
 
 log = logging.getLogger("dsm.node")
+
+
+MAX_CLOCK_SKEW_SECONDS = 30.0
+TIME_ALERT = "Manager Time Out of Sync"
+
+
+def _local_time_zone() -> str:
+    return os.environ.get("TZ") or time.tzname[0]
 
 
 class StartupError(RuntimeError):
@@ -47,9 +57,14 @@ class Node:
         self._identity: Identity | None = None
         self._settings = settings_store.ClusterSettings()
         self._last_heartbeat_ok: float | None = None
+        self._skew: float | None = None
         self._fenced = False
         self.phase = "starting"  # starting, migrating, online, fenced, stopping, stopped
         self._tasks: list[asyncio.Task[Any]] = []
+        self.keyring = crypto.Keyring()
+        self.wrapper: crypto.KeyWrapper | None = None
+        self.upgrade_reason: str | None = None
+        self.alerts: dict[str, str] = {}  # open alerts raised by this node, by type
 
     # -- what the API and jobs read ---------------------------------------------------------
 
@@ -69,6 +84,10 @@ class Node:
 
     def not_ready_reasons(self) -> list[str]:
         reasons = []
+        if self.phase == "upgrade_required":
+            return [f"Offline (Upgrade Required): {self.upgrade_reason}"]
+        if self.phase == "decommissioned":
+            return ["Decommissioned: this node was removed from the cluster"]
         if self._identity is None:
             reasons.append(f"not registered ({self.phase})")
         if self._fenced:
@@ -79,6 +98,41 @@ class Node:
         if age is not None and age > 2 * self._settings.heartbeat_interval_seconds + 1:
             reasons.append(f"last successful heartbeat {age:.0f} s ago")
         return reasons
+
+    async def reload_keyring(self) -> None:
+        """Picks up master-key versions added by a rotation on any node."""
+        assert self.engine is not None and self.wrapper is not None
+        async with self.engine.connect() as conn:
+            ring = await keys.unlock(conn, self.wrapper)
+        if ring is not None:
+            self.keyring = ring
+
+    async def decrypt(self, token: str, context: str) -> str:
+        if crypto.Keyring.version_of(token) not in self.keyring.keys:
+            await self.reload_keyring()
+        return self.keyring.decrypt(token, context)
+
+    def degraded_reasons(self) -> list[str]:
+        return [f"{kind}: {message}" for kind, message in self.alerts.items()]
+
+    async def authenticate_request(self, request: Any) -> None:
+        """The API's one authentication point (see api.app.authenticate)."""
+        from dsm_node.api.common import ClientError
+
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ClientError(
+                401,
+                "authentication required: send 'Authorization: Bearer <token>'"
+                " with a session token or an API key",
+            )
+        if self.engine is None:
+            raise ClientError(503, f"node is not ready yet ({self.phase})")
+        principal = await auth.authenticate(self.engine, token.strip())
+        if principal is None:
+            raise ClientError(401, "invalid or expired session token or API key")
+        request["principal"] = principal
 
     def heartbeat_age(self) -> float | None:
         if self._last_heartbeat_ok is None:
@@ -91,6 +145,13 @@ class Node:
         cfg = self.config
         for module in filter(None, (m.strip() for m in cfg.job_modules.split(","))):
             importlib.import_module(module)
+        secret = cfg.secret("local_secret")
+        if not secret:
+            raise StartupError(
+                "no local secret: set DSM_LOCAL_SECRET or DSM_LOCAL_SECRET_FILE (the same on "
+                "every node; it unlocks the cluster's master key)"
+            )
+        self.wrapper = crypto.LocalSecretWrapper(secret.encode())
         self.engine = create_engine(
             cfg.database_url,
             pool_size=cfg.db_pool_size,
@@ -100,47 +161,63 @@ class Node:
         self.housekeeping_engine = create_engine(
             cfg.database_url, pool_size=2, application_name=f"dsm-node:{cfg.node_name}:membership"
         )
-        extra = [cfg.extra_migrations_dir] if cfg.extra_migrations_dir else None
-        self.phase = "migrating"
+        seed: dict[str, float] = {}
+        if cfg.offline_threshold_seconds:
+            seed["offline_threshold_seconds"] = cfg.offline_threshold_seconds
+        if cfg.heartbeat_interval_seconds:
+            seed["heartbeat_interval_seconds"] = cfg.heartbeat_interval_seconds
+        self.phase = "joining"
         try:
-            state = await migrating.ensure_schema(
-                self.engine, cfg.software_version, extra_dirs=extra
+            await joining.wait_for_name(
+                self.engine, cfg.node_name, cfg.heartbeat_interval_seconds or 10.0
             )
-        except migrating.SchemaTooNew as e:
+            joined = await joining.join(
+                self.engine,
+                name=cfg.node_name,
+                address=cfg.address,
+                api_port=cfg.api_port,
+                version=cfg.software_version,
+                wrapper=self.wrapper,
+                bootstrap=joining.Bootstrap(
+                    cfg.admin_username,
+                    cfg.secret("admin_password"),
+                    cfg.secret("bootstrap_api_key"),
+                    seed,
+                ),
+                extra_dirs=[cfg.extra_migrations_dir] if cfg.extra_migrations_dir else None,
+            )
+        except joining.UpgradeRequired as e:
+            self._enter_upgrade_required(str(e))
+            return
+        except (crypto.WrongSecret, joining.DuplicateName, Decommissioned, ValueError) as e:
             raise StartupError(str(e)) from None
-        except (OSError, psycopg.OperationalError) as e:
-            raise StartupError(f"cannot reach the database: {e}") from None
-        except Exception as e:
-            if "connection" in str(e).lower():
-                raise StartupError(f"cannot reach the database: {_first_line(e)}") from None
-            raise
-        async with self.engine.begin() as conn:
-            seed = {}
-            if cfg.offline_threshold_seconds:
-                seed["offline_threshold_seconds"] = cfg.offline_threshold_seconds
-            if cfg.heartbeat_interval_seconds:
-                seed["heartbeat_interval_seconds"] = cfg.heartbeat_interval_seconds
-            await settings_store.write(conn, seed, only_if_absent=True)
+        except (OSError, psycopg.OperationalError, sqlalchemy.exc.OperationalError) as e:
+            raise StartupError(f"cannot reach the database: {_first_line(e)}") from None
+        assert joined.identity is not None
+        self.keyring = joined.keyring
+        self._identity = joined.identity
         self._settings = await settings_store.read(self.engine)
         log.info(
-            "schema version %d; cluster settings: heartbeat %g s, offline threshold %g s",
-            state.schema_version,
+            "schema version %d, cluster version %s; heartbeat %g s, offline threshold %g s",
+            joined.schema_version,
+            joined.cluster_version,
             self._settings.heartbeat_interval_seconds,
             self._settings.offline_threshold_seconds,
         )
-
         self.pool = JobPool(self.engine)
         self.membership = Membership(self.housekeeping_engine)
-        self._identity = await self.membership.register(
-            cfg.node_name, cfg.address, cfg.api_port, cfg.software_version
-        )
         self._last_heartbeat_ok = time.monotonic()
         metrics.NODE.labels(cfg.node_name, cfg.software_version).set(1)
         self.worker = Worker(
             self.pool,
             lambda: self.identity,
             self,
-            WorkerConfig(concurrency=cfg.concurrency, batch=cfg.claim_batch),
+            WorkerConfig(
+                concurrency=cfg.concurrency,
+                batch=cfg.claim_batch,
+                # transactional jobs each hold a connection; two stay free to claim and complete
+                transactional_concurrency=max(1, cfg.db_pool_size - 2),
+            ),
         )
         self.worker.resume()
         self.phase = "online"
@@ -159,6 +236,15 @@ class Node:
             cfg.api_port,
             cfg.software_version,
         )
+
+    def _enter_upgrade_required(self, reason: str) -> None:
+        """Stays alive, works on nothing, and says why (until restarted with the new version)."""
+        self.phase = "upgrade_required"
+        self.upgrade_reason = reason
+        if self.worker is not None:
+            self.worker.pause("upgrade required")
+            self.worker.abandon_running("the cluster was upgraded; this node must be upgraded")
+        log.error("Offline (Upgrade Required): %s", reason)
 
     async def stop(self) -> None:
         """Graceful halt: stop claiming, let running jobs finish within the grace period,
@@ -211,7 +297,9 @@ class Node:
                 )
             age = self.heartbeat_age() or 0.0
             metrics.HEARTBEAT_AGE.set(age)
-            if not self._fenced and age > fence_after(threshold):
+            if self.phase in ("upgrade_required", "decommissioned"):
+                pass  # already working on nothing
+            elif not self._fenced and age > fence_after(threshold):
                 self._fenced = True
                 self.phase = "fenced"
                 self.worker.pause(f"no heartbeat for {age:.1f} s")
@@ -222,30 +310,25 @@ class Node:
 
     async def _beat(self, threshold: float) -> None:
         assert self.membership is not None and self.worker is not None and self.pool is not None
+        if self.phase in ("upgrade_required", "decommissioned"):
+            return
         sent = time.monotonic()
-        db_now = await self.membership.heartbeat(self.identity)
-        if db_now is None:
-            log.warning("this node was declared offline by its peers; rejoining")
-            self.worker.pause("declared offline")
-            self.worker.abandon_running("declared offline; the jobs were taken over")
-            self.worker.take_abandoned()
-            self._identity = await self.membership.register(
-                self.config.node_name,
-                self.config.address,
-                self.config.api_port,
-                self.config.software_version,
-            )
-            self.caches.clear()  # local jobs sent while this node was away never reached it
-        elif self._fenced:
+        local_before = self.wall_clock()
+        row = await self.membership.heartbeat(self.identity, self._skew, _local_time_zone())
+        local_after = self.wall_clock()
+        if row is None:
+            await self._lost_lease()
+            return
+        self._last_heartbeat_ok = sent
+        if self._fenced:
             abandoned = self.worker.take_abandoned()
             if abandoned:
                 await self.pool.release(self.identity.node_id, abandoned, "released after fencing")
-        self._last_heartbeat_ok = sent
-        if self._fenced or self.phase != "online":
             log.info("database reachable again; back online")
         self._fenced = False
         self.phase = "online"
         self.worker.resume()
+        await self._check_clock(row, (local_before + local_after) / 2)
         swept = await self.membership.sweep(threshold)
         for name, silent in swept.offline:
             metrics.TAKEOVERS.inc()
@@ -258,7 +341,73 @@ class Node:
             )
         self.caches.clear_entry("settings")
         self._settings = await self.settings()
+        await self.reload_keyring()
         await self._refresh_gauges(threshold)
+
+    async def _lost_lease(self) -> None:
+        """The heartbeat found this incarnation no longer online: find out why, and act."""
+        assert self.membership is not None and self.worker is not None
+        self.worker.pause("lease lost")
+        self.worker.abandon_running("this node lost its lease; the jobs were taken over")
+        self.worker.take_abandoned()
+        me = await self.membership.node_row(self.config.node_name)
+        if me is not None and me.status == "decommissioned":
+            self.phase = "decommissioned"
+            log.error("this node was decommissioned; it works on nothing until removed")
+            return
+        cluster = me.cluster_version if me is not None else None
+        if (me is not None and me.status == "upgrade_required") or (
+            cluster
+            and joining.parse_version(cluster) > joining.parse_version(self.config.software_version)
+        ):
+            self._enter_upgrade_required(
+                f"the cluster was upgraded to {cluster}; this node runs "
+                f"{self.config.software_version}: upgrade this node"
+            )
+            return
+        log.warning("this node was declared offline by its peers; rejoining")
+        self._identity = await self.membership.register(
+            self.config.node_name,
+            self.config.address,
+            self.config.api_port,
+            self.config.software_version,
+        )
+        self.caches.clear()  # local jobs sent while this node was away never reached it
+        self._last_heartbeat_ok = time.monotonic()
+        self._fenced = False
+        self.phase = "online"
+        self.worker.resume()
+
+    def wall_clock(self) -> float:
+        """This node's own clock (shiftable in tests); only the time check reads it."""
+        return time.time() + self.config.clock_offset_seconds
+
+    async def _check_clock(self, row: Any, local_mid: float) -> None:
+        """Raises or clears the "Manager Time Out of Sync" alert (skew over 30 s, or a time
+        zone different from the database's)."""
+        assert self.membership is not None
+        skew = local_mid - row.db_clock.timestamp()
+        self._skew = round(skew, 3)
+        metrics.CLOCK_SKEW.set(skew)
+        problems = []
+        if abs(skew) > MAX_CLOCK_SKEW_SECONDS:
+            problems.append(f"clock differs from the database's by {skew:+.1f} s")
+        local_offset = time.localtime(self.wall_clock()).tm_gmtoff
+        if int(float(row.db_utc_offset)) != local_offset:
+            problems.append(
+                f"time zone {_local_time_zone()} (UTC{local_offset / 3600:+g}) differs from the "
+                f"database's {row.db_tz} (UTC{float(row.db_utc_offset) / 3600:+g})"
+            )
+        message = "; ".join(problems)
+        if message and self.alerts.get(TIME_ALERT) != message:
+            await self.membership.set_alert(TIME_ALERT, self.identity.node_id, message)
+            log.warning("%s: %s", TIME_ALERT, message)
+            self.alerts[TIME_ALERT] = message
+        elif not message and TIME_ALERT in self.alerts:
+            await self.membership.set_alert(TIME_ALERT, self.identity.node_id, None)
+            log.info("%s cleared", TIME_ALERT)
+            del self.alerts[TIME_ALERT]
+        metrics.TIME_OUT_OF_SYNC.set(1 if message else 0)
 
     async def _refresh_gauges(self, threshold: float) -> None:
         assert self.pool is not None and self.membership is not None

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from dsm_node.db.queries import Q
 
 
 class ClusterSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     heartbeat_interval_seconds: float = Field(10.0, gt=0, description="How often nodes heartbeat.")
     offline_threshold_seconds: float = Field(
         180.0, gt=0, description="Silence after which a node is Offline and its work taken over."
@@ -22,6 +24,14 @@ class ClusterSettings(BaseModel):
     job_counts_retention_seconds: float = Field(
         30 * 86400, gt=0, description="How long per-minute job counts are kept."
     )
+    # Load-balancer overrides (the original product's three address/port pairs): when set, agents
+    # are told to use these instead of the list of node addresses.
+    manager_address: str | None = Field(None, description="Manager (console/API) address.")
+    manager_port: int | None = Field(None, ge=1, le=65535, description="Manager port.")
+    heartbeat_address: str | None = Field(None, description="Agent heartbeat address.")
+    heartbeat_port: int | None = Field(None, ge=1, le=65535, description="Heartbeat port.")
+    relay_address: str | None = Field(None, description="Relay (updates) address.")
+    relay_port: int | None = Field(None, ge=1, le=65535, description="Relay port.")
 
 
 async def read(engine: AsyncEngine) -> ClusterSettings:

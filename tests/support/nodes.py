@@ -23,6 +23,8 @@ import pytest
 from dsm_node.embedded_pg import free_port
 
 REPO = Path(__file__).resolve().parents[2]
+LOCAL_SECRET = "test-local-secret-shared-by-every-node"
+API_KEY = "test-api-key-0123456789abcdef"
 _hosts = itertools.count(2)
 
 
@@ -54,6 +56,8 @@ class NodeProcess:
             "DSM_HEARTBEAT_PORT": "0",
             "DSM_JOB_MODULES": "tests.support.jobtypes",
             "DSM_SHUTDOWN_GRACE_SECONDS": "5",
+            "DSM_LOCAL_SECRET": LOCAL_SECRET,
+            "DSM_BOOTSTRAP_API_KEY": API_KEY,
             **self.env_extra,
         }
         with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
@@ -75,15 +79,20 @@ class NodeProcess:
         path: str,
         body: Any = None,
         raw: bytes | None = None,
-        headers: dict[str, str] | None = None,
+        headers: dict[str, str | None] | None = None,
     ) -> tuple[int, Any]:
+        """Calls the node's API, authenticated with the bootstrap API key unless ``headers``
+        override Authorization (None drops it)."""
         ctx = ssl.create_default_context()
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
         req = urllib.request.Request(self.url + path, data=data, method=method)
         req.add_header("Content-Type", "application/json")
-        for k, v in (headers or {}).items():
+        merged = {"Authorization": f"Bearer {API_KEY}", **(headers or {})}
+        for k, v in merged.items():
+            if v is None:
+                continue
             req.add_header(k, v)
         try:
             with urllib.request.urlopen(req, context=ctx, timeout=30) as r:

@@ -8,7 +8,6 @@ Authentication happens in exactly one place, ``authenticate`` below.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -17,11 +16,18 @@ import psycopg
 import sqlalchemy.exc
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pydantic.alias_generators import to_camel
+from pydantic import Field, ValidationError
 
 from dsm_node import metrics
-from dsm_node.api import paths
+from dsm_node.api import admin, paths
+from dsm_node.api.common import (
+    NODE_KEY,
+    ClientError,
+    Model,
+    json_body,
+    ready_node,
+    validation_message,
+)
 from dsm_node.jobs.pool import NewJob
 from dsm_node.jobs.registry import UnknownJobType
 
@@ -29,22 +35,16 @@ if TYPE_CHECKING:
     from dsm_node.node import Node
 
 log = logging.getLogger("dsm.api")
-NODE_KEY: web.AppKey[Node] = web.AppKey("node")
-PUBLIC_PATHS = {paths.HEALTHZ, paths.READYZ, paths.METRICS}
+PUBLIC = {
+    ("GET", paths.HEALTHZ),
+    ("GET", paths.READYZ),
+    ("GET", paths.METRICS),
+    ("POST", paths.API_SESSIONS),
+}
 MAX_BATCH = 10_000
 
 
-class ClientError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
-
-
-class JobRequest(_Model):
+class JobRequest(Model):
     type: str = Field(min_length=1, max_length=200)
     payload: dict[str, Any] = Field(default_factory=dict)
     priority: int | None = Field(None, ge=-32768, le=32767)
@@ -71,7 +71,7 @@ class JobRequest(_Model):
         )
 
 
-class JobBatchRequest(_Model):
+class JobBatchRequest(Model):
     jobs: list[JobRequest] = Field(min_length=1, max_length=MAX_BATCH)
 
 
@@ -79,15 +79,9 @@ class JobBatchRequest(_Model):
 
 
 async def authenticate(request: web.Request) -> None:
-    """Every path but health, readiness and metrics passes through here.
-
-    Sign-in and API keys are checked by the node lifecycle layer when it is configured; until then
-    the API is open to whoever reaches the node's TLS port."""
-    checker: Callable[[web.Request], Awaitable[None]] | None = getattr(
-        request.app[NODE_KEY], "authenticate_request", None
-    )
-    if checker is not None:
-        await checker(request)
+    """Every request but health, readiness, metrics and sign-in passes through here: a session
+    token or an API key in ``Authorization: Bearer``, checked against the shared database."""
+    await request.app[NODE_KEY].authenticate_request(request)
 
 
 @web.middleware
@@ -95,7 +89,7 @@ async def errors_and_auth(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     try:
-        if request.path not in PUBLIC_PATHS:
+        if (request.method, request.path) not in PUBLIC:
             await authenticate(request)
         return await handler(request)
     except ClientError as e:
@@ -119,32 +113,15 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
-async def _json_body(request: web.Request) -> Any:
-    if request.content_type not in ("application/json", "", "application/octet-stream"):
-        raise ClientError(415, f"expected a JSON body, got content type {request.content_type!r}")
-    raw = await request.read()
-    if not raw:
-        raise ClientError(400, "request body is empty; expected a JSON object")
-    try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ClientError(400, f"request body is not valid JSON: {e}") from None
-
-
-def _validation_message(e: ValidationError) -> str:
-    parts = []
-    for err in e.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "body"
-        parts.append(f"{where}: {err['msg']}")
-    return "invalid request: " + "; ".join(parts)
-
-
 # -- handlers -----------------------------------------------------------------------------
 
 
 async def healthz(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
-    return web.json_response({"status": "ok", "phase": node.phase})
+    degraded = node.degraded_reasons()
+    return web.json_response(
+        {"status": "degraded" if degraded else "ok", "phase": node.phase, "degraded": degraded}
+    )
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -160,24 +137,18 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def _ready_node(request: web.Request) -> Node:
-    node = request.app[NODE_KEY]
-    if node.pool is None or node.membership is None:
-        raise ClientError(503, f"node is not ready yet ({node.phase})")
-    return node
-
-
 async def list_nodes(request: web.Request) -> web.Response:
-    node = _ready_node(request)
+    node = ready_node(request)
     assert node.membership is not None
     threshold = node.cluster_settings.offline_threshold_seconds
-    return web.json_response({"nodes": await node.membership.list_nodes(threshold)})
+    everything = request.query.get("all", "false").lower() in ("1", "true", "yes")
+    return web.json_response({"nodes": await node.membership.list_nodes(threshold, everything)})
 
 
 async def enqueue(request: web.Request) -> web.Response:
-    node = _ready_node(request)
+    node = ready_node(request)
     assert node.pool is not None
-    body = await _json_body(request)
+    body = await json_body(request)
     if not isinstance(body, dict):
         raise ClientError(400, "request body must be a JSON object")
     try:
@@ -187,7 +158,7 @@ async def enqueue(request: web.Request) -> web.Response:
             else [JobRequest.model_validate(body)]
         )
     except ValidationError as e:
-        raise ClientError(400, _validation_message(e)) from None
+        raise ClientError(400, validation_message(e)) from None
     try:
         jobs = [node.pool.validate(r.to_new_job()) for r in reqs]
     except UnknownJobType as e:
@@ -203,7 +174,7 @@ async def enqueue(request: web.Request) -> web.Response:
 
 
 async def get_job(request: web.Request) -> web.Response:
-    node = _ready_node(request)
+    node = ready_node(request)
     assert node.pool is not None
     raw = request.match_info["id"]
     if not raw.isdigit() or len(raw) > 18:
@@ -215,7 +186,7 @@ async def get_job(request: web.Request) -> web.Response:
 
 
 async def job_stats(request: web.Request) -> web.Response:
-    node = _ready_node(request)
+    node = ready_node(request)
     assert node.pool is not None
     raw = request.query.get("windowSeconds", "3600")
     try:
@@ -245,4 +216,5 @@ def build(node: Node) -> web.Application:
     app.router.add_post(paths.API_JOBS, enqueue)
     app.router.add_get(paths.API_JOB_STATS, job_stats)
     app.router.add_get(paths.API_JOB, get_job)
+    admin.add_routes(app)
     return app

@@ -7,6 +7,15 @@ API_NODES = "/api/nodes"
 API_JOBS = "/api/jobs"
 API_JOB = "/api/jobs/{id}"
 API_JOB_STATS = "/api/jobs/stats"
+API_SESSIONS = "/api/sessions"
+API_DECOMMISSION = "/api/nodes/{name}/decommission"
+API_SETTINGS = "/api/settings"
+API_SECRET_SETTING = "/api/settings/secrets/{key}"
+API_MASTER_KEY_ROTATE = "/api/master-key/rotate"
+API_USERS = "/api/users"
+API_AUDIT = "/api/audit"
+API_ALERTS = "/api/alerts"
+API_AGENT_MANAGERS = "/api/agents/managers"
 
 API_PORT = 4119
 HEARTBEAT_PORT = 4120

@@ -7,12 +7,11 @@ nothing to do). Liveness is judged by the database's clock alone.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from dsm_node.cluster.status import NodeStatus, effective_status
 from dsm_node.db.queries import Q
@@ -45,27 +44,36 @@ class Membership:
     async def register(self, name: str, address: str, api_port: int, version: str) -> Identity:
         """Registers this node (a new incarnation for a known name) in one transaction."""
         async with self.engine.begin() as conn:
-            row = (
-                await conn.execute(
-                    Q.register_node,
-                    {"name": name, "address": address, "api_port": api_port, "version": version},
-                )
-            ).first()
-            if row is None:
-                raise Decommissioned(f"node {name!r} was decommissioned and cannot rejoin")
-            node_id, epoch = int(row.id), int(row.epoch)
-            requeued = (
-                await conn.execute(
-                    Q.requeue_jobs_of_node,
-                    {"node_id": node_id, "reason": f"taken over: {name} restarted"},
-                )
-            ).all()
-            discarded = (
-                await conn.execute(
-                    Q.discard_local_jobs_of_nodes,
-                    {"node_ids": [node_id], "reason": f"{name} restarted with empty caches"},
-                )
-            ).all()
+            return await self.register_in(conn, name, address, api_port, version)
+
+    @staticmethod
+    async def register_in(
+        conn: AsyncConnection, name: str, address: str, api_port: int, version: str
+    ) -> Identity:
+        row = (
+            await conn.execute(
+                Q.register_node,
+                {"name": name, "address": address, "api_port": api_port, "version": version},
+            )
+        ).first()
+        if row is None:
+            raise Decommissioned(
+                f"node {name!r} was decommissioned and cannot rejoin under that name; "
+                "start it under a new name"
+            )
+        node_id, epoch = int(row.id), int(row.epoch)
+        requeued = (
+            await conn.execute(
+                Q.requeue_jobs_of_node,
+                {"node_id": node_id, "reason": f"taken over: {name} restarted"},
+            )
+        ).all()
+        discarded = (
+            await conn.execute(
+                Q.discard_local_jobs_of_nodes,
+                {"node_ids": [node_id], "reason": f"{name} restarted with empty caches"},
+            )
+        ).all()
         if epoch > 1:
             log.info(
                 "rejoined as %s (incarnation %d); %d jobs of the previous incarnation back in the "
@@ -79,13 +87,54 @@ class Membership:
             log.info("registered as %s (node id %d)", name, node_id)
         return Identity(node_id, epoch, name)
 
-    async def heartbeat(self, me: Identity) -> dt.datetime | None:
-        """Renews this node's lease; None means it was declared offline (or replaced)."""
+    async def heartbeat(
+        self, me: Identity, skew: float | None = None, time_zone: str | None = None
+    ) -> Any:
+        """Renews this node's lease; None means it was declared offline (or replaced).
+        Returns the database's now(), clock and UTC offset for the clock check."""
+        async with self.engine.begin() as conn:
+            return (
+                await conn.execute(
+                    Q.heartbeat,
+                    {
+                        "node_id": me.node_id,
+                        "epoch": me.epoch,
+                        "skew": skew,
+                        "time_zone": time_zone,
+                    },
+                )
+            ).first()
+
+    async def set_alert(self, alert_type: str, node_id: int, message: str | None) -> None:
+        """Raises (message) or clears (None) this node's open alert of a type."""
+        async with self.engine.begin() as conn:
+            if message is None:
+                await conn.execute(Q.clear_alert, {"type": alert_type, "node_id": node_id})
+            else:
+                await conn.execute(
+                    Q.raise_alert, {"type": alert_type, "node_id": node_id, "message": message}
+                )
+
+    async def node_row(self, name: str) -> Any:
+        async with self.engine.connect() as conn:
+            return (await conn.execute(Q.node_row, {"name": name})).first()
+
+    async def decommission(self, name: str, threshold: float, actor: str) -> int | None:
+        """Decommissions an Offline node: its local jobs are dropped, anything it held goes back
+        to the pool, its job history stays. None when it is not Offline."""
         async with self.engine.begin() as conn:
             row = (
-                await conn.execute(Q.heartbeat, {"node_id": me.node_id, "epoch": me.epoch})
+                await conn.execute(
+                    Q.decommission_node, {"name": name, "threshold": threshold, "actor": actor}
+                )
             ).first()
-        return row.db_now if row is not None else None
+            if row is None:
+                return None
+            await conn.execute(
+                Q.discard_local_jobs_of_nodes, {"node_ids": [row.id], "reason": "decommissioned"}
+            )
+            await conn.execute(Q.requeue_orphaned_jobs)
+            return int(row.id)
 
     async def sweep(self, threshold_seconds: float) -> SweepResult:
         """Declares silent peers offline, discards their local jobs, requeues orphaned jobs."""
@@ -121,7 +170,9 @@ class Membership:
             if (await conn.execute(Q.requeue_orphaned_jobs)).all():
                 await conn.execute(Q.notify_jobs)
 
-    async def list_nodes(self, threshold_seconds: float) -> list[dict[str, Any]]:
+    async def list_nodes(
+        self, threshold_seconds: float, include_decommissioned: bool = False
+    ) -> list[dict[str, Any]]:
         async with self.engine.connect() as conn:
             rows = (await conn.execute(Q.list_nodes)).all()
         return [
@@ -139,9 +190,11 @@ class Membership:
                 "secondsSinceHeartbeat": round((r.db_now - r.last_heartbeat).total_seconds(), 3),
                 "startedAt": r.started_at.isoformat(),
                 "statusChangedAt": r.status_changed_at.isoformat(),
+                "clockSkewSeconds": r.clock_skew_seconds,
+                "timeZone": r.time_zone,
             }
             for r in rows
-            if r.status != "decommissioned"
+            if include_decommissioned or r.status != "decommissioned"
         ]
 
 

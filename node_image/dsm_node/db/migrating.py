@@ -78,13 +78,36 @@ async def read_state(conn: AsyncConnection) -> SchemaState:
     return SchemaState(int(row.schema_version), str(row.software_version))
 
 
+async def apply_pending(
+    conn: AsyncConnection, state: SchemaState, migrations: list[Migration]
+) -> tuple[int, ...]:
+    """Applies the migrations newer than the database, inside the caller's transaction."""
+    applied: list[int] = []
+    for m in migrations[state.schema_version :]:
+        log.info("applying migration %04d_%s", m.version, m.name)
+        # exec_driver_sql: migration files are plain SQL; their colons are not bind markers.
+        await conn.exec_driver_sql(m.sql)
+        applied.append(m.version)
+    if applied:
+        await conn.execute(
+            text(
+                "INSERT INTO dsm_schema (schema_version, software_version) VALUES (:v, '0') "
+                "ON CONFLICT (singleton) DO UPDATE SET schema_version = excluded.schema_version, "
+                "updated_at = now()"
+            ),
+            {"v": migrations[-1].version},
+        )
+    return tuple(applied)
+
+
 async def ensure_schema(
     engine: AsyncEngine,
     software_version: str,
     *,
     extra_dirs: list[Path] | None = None,
 ) -> SchemaState:
-    """Brings the schema to the newest migration this node carries; refuses a newer schema."""
+    """Brings the schema to the newest migration this node carries; refuses a newer schema.
+    (Nodes join through cluster.joining, which also checks versions and the master key.)"""
     migrations = load_migrations(extra_dirs)
     target = migrations[-1].version
     async with engine.begin() as conn:
@@ -95,20 +118,7 @@ async def ensure_schema(
                 f"database schema version {state.schema_version} is newer than this node's "
                 f"{target} (cluster software {state.software_version}); upgrade this node"
             )
-        applied: list[int] = []
-        for m in migrations[state.schema_version :]:
-            log.info("applying migration %04d_%s", m.version, m.name)
-            # exec_driver_sql: migration files are plain SQL, their colons are not bind markers.
-            await conn.exec_driver_sql(m.sql)
-            applied.append(m.version)
-        await conn.execute(
-            text(
-                "INSERT INTO dsm_schema (schema_version, software_version) VALUES (:v, :s) "
-                "ON CONFLICT (singleton) DO UPDATE SET schema_version = excluded.schema_version, "
-                "updated_at = now()"
-            ),
-            {"v": target, "s": software_version},
-        )
-        if applied:
-            log.info("schema now at version %d (applied %s)", target, applied)
-        return SchemaState(target, state.software_version or software_version, tuple(applied))
+        applied = await apply_pending(conn, state, migrations)
+        if state.software_version is None:
+            await conn.execute(Q.set_cluster_version, {"version": software_version})
+        return SchemaState(target, state.software_version or software_version, applied)

@@ -57,9 +57,10 @@ RETURNING id;
 
 -- name: heartbeat
 -- Conditional on the incarnation: no row means this node was declared offline or replaced.
-UPDATE nodes SET last_heartbeat = now()
+UPDATE nodes SET last_heartbeat = now(), clock_skew_seconds = :skew, time_zone = :time_zone
 WHERE id = :node_id AND epoch = :epoch AND status = 'online'
-RETURNING now() AS db_now, clock_timestamp() AS db_clock;
+RETURNING now() AS db_now, clock_timestamp() AS db_clock,
+          extract(timezone FROM now()) AS db_utc_offset, current_setting('TimeZone') AS db_tz;
 
 -- name: mark_silent_nodes_offline
 UPDATE nodes SET status = 'offline', status_changed_at = now(),
@@ -89,7 +90,7 @@ RETURNING id;
 
 -- name: list_nodes
 SELECT id, name, address, api_port, version, status, epoch, started_at, last_heartbeat,
-       status_changed_at, status_reason, now() AS db_now
+       status_changed_at, status_reason, clock_skew_seconds, time_zone, now() AS db_now
 FROM nodes ORDER BY id;
 
 -- name: enqueue_jobs
@@ -261,3 +262,150 @@ DELETE FROM job_counts WHERE minute < now() - make_interval(secs => :retention);
 
 -- name: prune_periodic_runs
 DELETE FROM periodic_runs WHERE slot < now() - make_interval(secs => :retention);
+
+-- ---------------------------------------------------------------------------------------------
+-- Lifecycle: versions, master key, users, sessions, API keys, audit, alerts, decommission.
+
+-- name: set_cluster_version
+UPDATE dsm_schema SET software_version = :version, updated_at = now();
+
+-- name: nodes_for_version_check
+SELECT id, name, version, status FROM nodes WHERE status <> 'decommissioned';
+
+-- name: mark_upgrade_required
+UPDATE nodes SET status = 'upgrade_required', status_changed_at = now(),
+                 status_reason = 'cluster upgraded to ' || :version
+WHERE id = ANY(CAST(:ids AS int[])) AND status <> 'decommissioned'
+RETURNING name;
+
+-- name: node_row
+SELECT id, name, status, version, epoch, last_heartbeat, now() AS db_now,
+       (SELECT software_version FROM dsm_schema) AS cluster_version
+FROM nodes WHERE name = :name;
+
+-- name: master_keys
+-- Retired keys stay readable: a node that has not reloaded yet may still write with one.
+SELECT version, wrapped_key, wrapping, wrap_params, check_value, state
+FROM master_keys ORDER BY version;
+
+-- name: insert_master_key
+INSERT INTO master_keys (version, wrapped_key, wrapping, wrap_params, check_value, state)
+VALUES (:version, :wrapped_key, :wrapping, CAST(:wrap_params AS jsonb), :check_value, :state);
+
+-- name: retire_master_keys
+UPDATE master_keys SET state = :to_state WHERE state = :from_state RETURNING version;
+
+-- name: put_secret_setting
+INSERT INTO secret_settings (key, ciphertext, key_version) VALUES (:key, :ciphertext, :key_version)
+ON CONFLICT (key) DO UPDATE SET ciphertext = excluded.ciphertext,
+                                key_version = excluded.key_version, updated_at = now();
+
+-- name: secret_settings
+SELECT key, ciphertext, key_version FROM secret_settings ORDER BY key;
+
+-- name: count_users
+SELECT count(*) AS n FROM users;
+
+-- name: insert_user
+INSERT INTO users (username, password_hash, role, full_name, email, key_version)
+VALUES (:username, :password_hash, :role, :full_name, :email, :key_version)
+RETURNING id;
+
+-- name: user_by_name
+SELECT id, username, password_hash, role, full_name, email, disabled FROM users
+WHERE username = :username;
+
+-- name: list_users
+SELECT id, username, role, full_name, email, disabled, created_at FROM users ORDER BY id;
+
+-- name: users_to_reencrypt
+SELECT id, username, full_name, email FROM users
+WHERE key_version IS DISTINCT FROM :version AND (full_name IS NOT NULL OR email IS NOT NULL)
+ORDER BY id LIMIT :batch FOR UPDATE SKIP LOCKED;
+
+-- name: update_user_personal_data
+UPDATE users SET full_name = :full_name, email = :email, key_version = :key_version WHERE id = :id;
+
+-- name: secrets_to_reencrypt
+SELECT key, ciphertext FROM secret_settings WHERE key_version <> :version
+ORDER BY key LIMIT :batch FOR UPDATE SKIP LOCKED;
+
+-- name: rows_not_under_key
+SELECT (SELECT count(*) FROM secret_settings WHERE key_version <> :version)
+     + (SELECT count(*) FROM users WHERE key_version IS DISTINCT FROM :version
+                                     AND (full_name IS NOT NULL OR email IS NOT NULL)) AS n;
+
+-- name: set_password_hash
+UPDATE users SET password_hash = :password_hash WHERE id = :id;
+
+-- name: insert_session
+INSERT INTO sessions (token_hash, user_id, created_on, expires_at)
+VALUES (:token_hash, :user_id, :node, now() + make_interval(secs => :ttl))
+RETURNING expires_at;
+
+-- name: session_user
+-- Sliding expiry is not used: a session ends at expires_at whatever the activity.
+UPDATE sessions s SET last_seen_at = now()
+FROM users u
+WHERE s.token_hash = :token_hash AND s.expires_at > now() AND u.id = s.user_id AND NOT u.disabled
+RETURNING u.username, u.role;
+
+-- name: delete_session
+DELETE FROM sessions WHERE token_hash = :token_hash RETURNING user_id;
+
+-- name: insert_api_key
+INSERT INTO api_keys (name, key_hash, role) VALUES (:name, :key_hash, :role)
+ON CONFLICT DO NOTHING
+RETURNING id;
+
+-- name: api_key_user
+UPDATE api_keys SET last_used_at = now()
+WHERE key_hash = :key_hash AND revoked_at IS NULL
+RETURNING name, role;
+
+-- name: recent_sign_in_failures
+SELECT count(*) AS n, extract(epoch FROM max(at) + make_interval(secs => :window) - now()) AS retry_after
+FROM sign_in_failures
+WHERE (username = :username OR source = :source) AND at > now() - make_interval(secs => :window);
+
+-- name: record_sign_in_failure
+INSERT INTO sign_in_failures (username, source) VALUES (:username, :source);
+
+-- name: clear_sign_in_failures
+DELETE FROM sign_in_failures WHERE username = :username OR at < now() - interval '1 day';
+
+-- name: audit
+INSERT INTO audit_log (actor, node, action, target, detail, source)
+VALUES (:actor, :node, :action, :target, CAST(:detail AS jsonb), :source);
+
+-- name: list_audit
+SELECT id, at, actor, node, action, target, detail, source FROM audit_log
+ORDER BY id DESC LIMIT :limit;
+
+-- name: decommission_node
+-- Only an Offline node (recorded so, or silent past the threshold) can be decommissioned.
+UPDATE nodes SET status = 'decommissioned', status_changed_at = now(),
+                 status_reason = 'decommissioned by ' || :actor
+WHERE name = :name
+  AND (status IN ('offline', 'upgrade_required')
+       OR (status = 'online' AND last_heartbeat < now() - make_interval(secs => :threshold)))
+RETURNING id;
+
+-- name: record_clock
+UPDATE nodes SET clock_skew_seconds = :skew, time_zone = :time_zone WHERE id = :node_id;
+
+-- name: raise_alert
+INSERT INTO alerts (type, node_id, message) VALUES (:type, :node_id, :message)
+ON CONFLICT (type, node_id) WHERE cleared_at IS NULL DO UPDATE SET message = excluded.message
+RETURNING (xmax = 0) AS new;
+
+-- name: clear_alert
+UPDATE alerts SET cleared_at = now()
+WHERE type = :type AND node_id = :node_id AND cleared_at IS NULL
+RETURNING id;
+
+-- name: list_alerts
+SELECT a.id, a.type, n.name AS node, a.message, a.raised_at, a.cleared_at
+FROM alerts a JOIN nodes n ON n.id = a.node_id
+WHERE a.cleared_at IS NULL OR :include_cleared
+ORDER BY a.id DESC;

@@ -7,6 +7,7 @@ import asyncio
 
 from pydantic import BaseModel, Field
 
+from dsm_node import keys
 from dsm_node.db.queries import Q
 from dsm_node.jobs.registry import REGISTRY, JobContext, Payload, Periodic, job_type
 
@@ -66,6 +67,29 @@ async def prune_job_history(ctx: JobContext, payload: Payload) -> None:
     await ctx.conn.execute(Q.prune_periodic_runs, {"retention": s.job_history_retention_seconds})
     if total or counts.rowcount:
         ctx.log.info("pruned %d finished jobs and %d per-minute counts", total, counts.rowcount)
+
+
+@job_type("rotate_master_key", max_attempts=20, timeout=3600)
+async def rotate_master_key(ctx: JobContext, payload: Payload) -> None:
+    """Rotates the master key: a new version, then re-encryption in resumable batches."""
+    node = ctx.services
+    version = await keys.begin_rotation(node.engine, node.wrapper)
+    await node.reload_keyring()
+    total = 0
+    while True:
+        done = await keys.reencrypt_batch(node.engine, node.keyring)
+        total += done
+        if done:
+            continue
+        retired = await keys.finish_rotation(node.engine, version)
+        if retired is not None:
+            break
+    ctx.log.info(
+        "master key rotated to version %d: %d values re-encrypted, versions %s retired",
+        version,
+        total,
+        retired,
+    )
 
 
 REGISTRY.every(Periodic("rollup_job_counts", "rollup_job_counts", every=60))

@@ -1,0 +1,132 @@
+"""The master key in the database: bootstrap, unlock, rotation.
+
+Rotation adds a new active version and marks the old one ``retiring``; the ``rotate_master_key``
+job re-encrypts secret settings and personal data in small batches (each its own transaction, so
+an interrupted rotation resumes where it stopped, and nodes keep working throughout: they can
+decrypt with every version not yet retired). When nothing uses the old version, it is retired.
+"""
+
+from __future__ import annotations
+
+import json
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from dsm_node import crypto
+from dsm_node.auth import user_context
+from dsm_node.db.queries import Q
+
+BATCH = 500
+
+
+async def has_key_table(conn: AsyncConnection) -> bool:
+    return bool(
+        (await conn.execute(text("SELECT to_regclass('master_keys') IS NOT NULL"))).scalar()
+    )
+
+
+async def unlock(conn: AsyncConnection, wrapper: crypto.KeyWrapper) -> crypto.Keyring | None:
+    """Unwraps every usable master key; None when the cluster has none yet.
+    Raises crypto.WrongSecret when this node's secret does not fit."""
+    if not await has_key_table(conn):
+        return None
+    rows = (await conn.execute(Q.master_keys)).all()
+    if not rows:
+        return None
+    ring = crypto.Keyring()
+    for r in rows:
+        if r.wrapping != wrapper.name:
+            raise crypto.WrongSecret(
+                f"master key version {r.version} is wrapped by {r.wrapping!r}, this node uses "
+                f"{wrapper.name!r}"
+            )
+        key = wrapper.unwrap(bytes(r.wrapped_key), r.wrap_params)
+        if crypto.check_value(key) != bytes(r.check_value):
+            raise crypto.WrongSecret("master key check value does not match")
+        ring.add(int(r.version), key, r.state == "active")
+    return ring
+
+
+async def add_key(conn: AsyncConnection, wrapper: crypto.KeyWrapper, version: int) -> bytes:
+    key = crypto.new_master_key()
+    wrapped, params = wrapper.wrap(key)
+    await conn.execute(
+        Q.insert_master_key,
+        {
+            "version": version,
+            "wrapped_key": wrapped,
+            "wrapping": wrapper.name,
+            "wrap_params": json.dumps(params),
+            "check_value": crypto.check_value(key),
+            "state": "active",
+        },
+    )
+    return key
+
+
+async def bootstrap(conn: AsyncConnection, wrapper: crypto.KeyWrapper) -> crypto.Keyring:
+    ring = crypto.Keyring()
+    ring.add(1, await add_key(conn, wrapper, 1), active=True)
+    return ring
+
+
+async def begin_rotation(engine: AsyncEngine, wrapper: crypto.KeyWrapper) -> int:
+    """Adds a new active key version (the old one starts retiring); returns the new version.
+    Idempotent while a rotation is under way: returns the version being rotated to."""
+    async with engine.begin() as conn:
+        rows = (await conn.execute(Q.master_keys)).all()
+        if any(r.state == "retiring" for r in rows):
+            return max(int(r.version) for r in rows)
+        await conn.execute(Q.retire_master_keys, {"from_state": "active", "to_state": "retiring"})
+        version = max((int(r.version) for r in rows), default=0) + 1
+        await add_key(conn, wrapper, version)
+        return version
+
+
+async def reencrypt_batch(engine: AsyncEngine, ring: crypto.Keyring) -> int:
+    """Re-encrypts up to BATCH rows under the active key in one transaction; returns how many."""
+    assert ring.active is not None
+    done = 0
+    async with engine.begin() as conn:
+        for r in (
+            await conn.execute(Q.secrets_to_reencrypt, {"version": ring.active, "batch": BATCH})
+        ).all():
+            context = f"settings/{r.key}"
+            await conn.execute(
+                Q.put_secret_setting,
+                {
+                    "key": r.key,
+                    "ciphertext": ring.encrypt(ring.decrypt(r.ciphertext, context), context),
+                    "key_version": ring.active,
+                },
+            )
+            done += 1
+        users = (
+            await conn.execute(Q.users_to_reencrypt, {"version": ring.active, "batch": BATCH})
+        ).all()
+        for u in users:
+            username = u.username
+            fields = {}
+            for f in ("full_name", "email"):
+                value = getattr(u, f)
+                ctx = user_context(username, f)
+                fields[f] = ring.encrypt(ring.decrypt(value, ctx), ctx) if value else None
+            await conn.execute(
+                Q.update_user_personal_data, {"id": u.id, **fields, "key_version": ring.active}
+            )
+            done += 1
+    return done
+
+
+async def finish_rotation(engine: AsyncEngine, active: int) -> list[int] | None:
+    """Retires the old versions once nothing is encrypted under them; None while something is
+    (a node that had not yet loaded the new key may have written meanwhile)."""
+    async with engine.begin() as conn:
+        await conn.execute(text("LOCK TABLE secret_settings, users IN SHARE MODE"))
+        if (await conn.execute(Q.rows_not_under_key, {"version": active})).scalar_one():
+            return None
+        rows = await conn.execute(
+            Q.retire_master_keys, {"from_state": "retiring", "to_state": "retired"}
+        )
+        return [int(r.version) for r in rows]
