@@ -39,7 +39,9 @@ from tests.cluster import controlplane
 
 FIXTURES = frozenset({"k8s_control_plane", "k8s_workloads", "k8s_namespace"})
 LOG_TAIL_LINES = 60
+SHORT_SKIP_REASON = "cluster tier unavailable: see the CLUSTER TIER line at the end"
 _PLANE = pytest.StashKey[controlplane.ControlPlane]()
+_UNAVAILABLE = pytest.StashKey[str]()
 
 
 @dataclass(frozen=True)
@@ -91,27 +93,38 @@ def _run(argv: list[str], env: dict[str, str], timeout: float) -> subprocess.Com
     return proc
 
 
-def _require_binaries() -> controlplane.Binaries:
-    """The built programs, or skip (fail with CI=true) with one line saying why and what to do."""
+def unavailable_reason() -> str | None:
+    """None when the control plane is built; otherwise one line saying why not and what to do."""
     binaries = controlplane.Binaries.locate()
     missing = binaries.missing()
     if not missing:
-        return binaries
+        return None
     go = controlplane.go_toolchain()
     how = (
         "no Go toolchain is installed to build it (Go >= 1.26 is the only prerequisite)"
         if go is None
         else f"build it with `make k8s` (hack/k8s/build.sh; Go found at {go})"
     )
-    ci = os.environ.get("CI") == "true"
-    message = (
-        f"CLUSTER TIER {'FAILED (CI=true)' if ci else 'SKIPPED'}: Kubernetes {binaries.k8s_version}"
-        f" control plane is not built (missing {', '.join(p.name for p in missing)} in"
-        f" {controlplane.cache_dir() / 'k8s'}); {how}"
+    verdict = "FAILED (CI=true)" if _in_ci() else "SKIPPED"
+    return (
+        f"CLUSTER TIER {verdict}: Kubernetes {binaries.k8s_version} control plane is not built"
+        f" (missing {', '.join(p.name for p in missing)} in {controlplane.cache_dir() / 'k8s'});"
+        f" {how}"
     )
-    if ci:
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI") == "true"
+
+
+def _require_binaries() -> controlplane.Binaries:
+    """The built programs, or skip (fail with CI=true) with the reason."""
+    reason = unavailable_reason()
+    if reason is None:
+        return controlplane.Binaries.locate()
+    if _in_ci():
+        pytest.fail(reason, pytrace=False)
+    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")
@@ -213,8 +226,26 @@ def pytest_runtest_makereport(
     return report
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Without binaries, mark the tests that need them skipped up front (CI=true: the fixture
+    fails them instead); the full reason is printed once, in the summary, not once per test."""
+    users = [i for i in items if FIXTURES & set(getattr(i, "fixturenames", ()))]
+    reason = unavailable_reason() if users else None
+    if reason is None:
+        return
+    config.stash[_UNAVAILABLE] = reason
+    if not _in_ci():
+        mark = pytest.mark.skip(reason=SHORT_SKIP_REASON)
+        for item in users:
+            item.add_marker(mark)
+
+
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
-    """One line with the control plane's start-up times and where its logs are."""
+    """One loud line when the tier could not run; otherwise one line with start-up times and
+    where the logs are."""
+    reason = config.stash.get(_UNAVAILABLE, None)
+    if reason is not None:
+        terminalreporter.write_sep("!", reason, red=_in_ci(), yellow=not _in_ci(), bold=True)
     plane = config.stash.get(_PLANE, None)
     if plane is None or not plane.timings:
         return

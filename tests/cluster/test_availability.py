@@ -29,6 +29,7 @@ def test_missing_binaries_skip_with_one_loud_reason(
     assert reason.startswith("CLUSTER TIER SKIPPED:")
     assert "\n" not in reason
     assert str(empty_cache / "k8s") in reason
+    assert plugin.unavailable_reason() == reason
 
 
 def test_missing_binaries_fail_under_ci(empty_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
