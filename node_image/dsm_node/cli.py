@@ -6,6 +6,9 @@
     dsm jobs submit TYPE        enqueue a job
     dsm jobs get ID             one job
     dsm jobs stats              jobs by node and by type over a window
+    dsm nodes decommission NAME remove an Offline node
+    dsm master-key rotate       re-encrypt secrets under a new master key
+    dsm alerts                  open alerts
     dsm db upgrade              create or migrate the schema
 
 Every command that prints takes ``--output json`` for scripts. Errors go to stderr with a non-zero
@@ -87,6 +90,9 @@ def _parser() -> argparse.ArgumentParser:
         ("--claim-batch", "jobs claimed per statement (DSM_CLAIM_BATCH)"),
         ("--shutdown-grace-seconds", "grace for running jobs on SIGTERM"),
         ("--extra-migrations-dir", "test-only extra migrations"),
+        ("--local-secret-file", "file with the local secret (DSM_LOCAL_SECRET_FILE)"),
+        ("--admin-password-file", "first administrator's password (DSM_ADMIN_PASSWORD_FILE)"),
+        ("--bootstrap-api-key-file", "administrator API key (DSM_BOOTSTRAP_API_KEY_FILE)"),
     ):
         run.add_argument(flag, help=help_)
     run.add_argument("--log-level", default=os.environ.get("DSM_LOG_LEVEL", "INFO"))
@@ -103,6 +109,20 @@ def _parser() -> argparse.ArgumentParser:
     ls = nodes.add_parser("list", help="nodes with status, version and last heartbeat")
     _client_flags(ls)
     ls.set_defaults(func=_nodes_list)
+
+    dec = nodes.add_parser("decommission", help="remove an Offline node from the cluster")
+    dec.add_argument("name")
+    _client_flags(dec)
+    dec.set_defaults(func=_nodes_decommission)
+
+    mk = sub.add_parser("master-key", help="the master key").add_subparsers(metavar="COMMAND")
+    rot = mk.add_parser("rotate", help="rotate the master key (a resumable background job)")
+    _client_flags(rot)
+    rot.set_defaults(func=_master_key_rotate)
+
+    al = sub.add_parser("alerts", help="open alerts (e.g. Manager Time Out of Sync)")
+    _client_flags(al)
+    al.set_defaults(func=_alerts)
 
     jobs = sub.add_parser("jobs", help="the job pool").add_subparsers(metavar="COMMAND")
     submit = jobs.add_parser("submit", help="enqueue a job")
@@ -237,6 +257,38 @@ def format_nodes(nodes: list[dict[str, Any]]) -> str:
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+
+
+@_api
+def _nodes_decommission(args: argparse.Namespace) -> int:
+    result = _call(args, "POST", f"/api/nodes/{args.name}/decommission")
+    print(json.dumps(result) if args.output == "json" else f"{args.name}: decommissioned")
+    return 0
+
+
+@_api
+def _master_key_rotate(args: argparse.Namespace) -> int:
+    result = _call(args, "POST", "/api/master-key/rotate")
+    if args.output == "json":
+        print(json.dumps(result))
+    elif result["alreadyRunning"]:
+        print("a rotation is already under way")
+    else:
+        print(f"rotation started as job {result['jobIds'][0]}; follow it with dsm jobs get")
+    return 0
+
+
+@_api
+def _alerts(args: argparse.Namespace) -> int:
+    alerts = _call(args, "GET", "/api/alerts")["alerts"]
+    if args.output == "json":
+        print(json.dumps(alerts, indent=2))
+        return 0
+    for a in alerts:
+        print(f"{a['raisedAt']}  {a['node']:<16} {a['type']}: {a['message']}")
+    if not alerts:
+        print("no open alerts")
+    return 0
 
 
 @_api

@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import json
 import os
+import secrets
 import signal
 import ssl
 import subprocess
@@ -44,8 +45,22 @@ def run(args: argparse.Namespace) -> int:
     addresses = [f"127.0.0.{i + 1}" for i in range(args.nodes)]
     cert, key = tls.write_pair(*tls.self_signed(["localhost", *addresses]), state / "tls")
     (state / "logs").mkdir(exist_ok=True)
+    secrets_dir = state / "secrets"
+    local_secret = _secret_file(secrets_dir / "local-secret")
+    api_key = _secret_file(secrets_dir / "api-key")
+    admin_password = _secret_file(secrets_dir / "admin-password")
     client.context_file().write_text(
-        json.dumps({"server": f"https://127.0.0.1:{args.port}", "caFile": str(cert)})
+        json.dumps(
+            {
+                "server": f"https://127.0.0.1:{args.port}",
+                "caFile": str(cert),
+                "apiKey": api_key.read_text().strip(),
+            }
+        )
+    )
+    print(
+        f"==> sign in as 'admin' with the password in {admin_password}; the dsm command uses "
+        f"the API key in {api_key}"
     )
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
     interrupted = False
@@ -67,6 +82,9 @@ def run(args: argparse.Namespace) -> int:
                 "DSM_HEARTBEAT_PORT": str(args.port + 1),
                 "DSM_TLS_CERT_FILE": str(cert),
                 "DSM_TLS_KEY_FILE": str(key),
+                "DSM_LOCAL_SECRET_FILE": str(local_secret),
+                "DSM_BOOTSTRAP_API_KEY_FILE": str(api_key),
+                "DSM_ADMIN_PASSWORD_FILE": str(admin_password),
             }
             if args.offline_threshold:
                 env["DSM_OFFLINE_THRESHOLD_SECONDS"] = str(args.offline_threshold)
@@ -91,12 +109,14 @@ def run(args: argparse.Namespace) -> int:
         last = ""
         while not interrupted:
             table = _status_table(url)
-            if table != last:
+            # redraw on every change when watching a terminal, else only when a status changes
+            key = table if sys.stdout.isatty() and not args.no_watch else _without_ages(table)
+            if key != last:
                 if sys.stdout.isatty() and not args.no_watch:
                     print("\033[2J\033[H", end="")
                 stamp = time.strftime("%H:%M:%S")
                 print(f"[{stamp}] cluster status (Ctrl-C to stop)\n{table}\n", flush=True)
-                last = table
+                last = key
             for name, proc in procs:
                 if proc.poll() is not None:
                     print(f"warning: {name} exited with {proc.returncode}", file=sys.stderr)
@@ -118,6 +138,15 @@ def run(args: argparse.Namespace) -> int:
             print("==> stopping PostgreSQL")
             pg.stop()
     return 0
+
+
+def _secret_file(path: Path) -> Path:
+    """A random secret kept across runs (the cluster's data is encrypted with it)."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_urlsafe(24) + "\n")
+    return path
 
 
 def _create_database(admin_url: str, name: str) -> None:
@@ -142,6 +171,10 @@ def _wait_ready(
         except Exception:
             time.sleep(0.3)
     return False
+
+
+def _without_ages(table: str) -> str:
+    return "\n".join(line.rsplit("  ", 1)[0].rstrip() for line in table.splitlines())
 
 
 def _status_table(url: str) -> str:
