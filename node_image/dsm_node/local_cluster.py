@@ -174,7 +174,7 @@ def _wait_ready(
 
 
 def _without_ages(table: str) -> str:
-    return "\n".join(line.rsplit("  ", 1)[0].rstrip() for line in table.splitlines())
+    return "\n".join(line.rstrip().rsplit("  ", 1)[0] for line in table.splitlines())
 
 
 def _status_table(url: str) -> str:

@@ -8,7 +8,10 @@ same way tests/cluster/conftest.py does it, so ``pytest tests/operator`` works o
 from __future__ import annotations
 
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,3 +22,63 @@ if str(REPO_ROOT) not in sys.path:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.import_plugin("tests.cluster.plugin")
+
+
+# --- cluster-tier helpers (only used by test_cluster_*.py) ------------------------------------
+
+CRD_FILE = REPO_ROOT / "crds" / "deepsecuritymanagers.yaml"
+
+
+@pytest.fixture(scope="session")
+def dsm_crd(k8s_control_plane: Any) -> str:
+    """The DeepSecurityManager CRD installed (server-side apply of crds/) and Established."""
+    import yaml
+    from kubernetes import client, dynamic
+
+    body = yaml.safe_load(CRD_FILE.read_text())
+    dyn = dynamic.DynamicClient(k8s_control_plane.api_client)
+    crds = dyn.resources.get(api_version="apiextensions.k8s.io/v1", kind="CustomResourceDefinition")
+    dyn.server_side_apply(
+        crds, body=body, name=body["metadata"]["name"], field_manager="tests", force_conflicts=True
+    )
+    ext = client.ApiextensionsV1Api(k8s_control_plane.api_client)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        crd = ext.read_custom_resource_definition(body["metadata"]["name"])
+        if any(c.type == "Established" and c.status == "True" for c in crd.status.conditions or ()):
+            return str(body["metadata"]["name"])
+        time.sleep(0.2)
+    raise TimeoutError("the DeepSecurityManager CRD was not Established in 30 s")
+
+
+def manager_body(name: str = "mgr", **spec: Any) -> dict[str, Any]:
+    """A valid DeepSecurityManager; keyword arguments replace top-level spec fields."""
+    base: dict[str, Any] = {
+        "version": "20.0.1",
+        "nodes": 1,
+        "database": {"secretRef": {"name": "dsm-db"}},
+        "masterKey": {"localSecretRef": {"name": "dsm-master-key"}},
+    }
+    base.update(spec)
+    return {
+        "apiVersion": "security.dsm.dev/v1alpha1",
+        "kind": "DeepSecurityManager",
+        "metadata": {"name": name},
+        "spec": {k: v for k, v in base.items() if v is not None},
+    }
+
+
+def wait_for(
+    predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.2, what: str = ""
+) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(
+        f"timed out after {timeout:.0f} s waiting for {what or predicate}: {last!r}"
+    )

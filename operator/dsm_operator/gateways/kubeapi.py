@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -29,7 +30,10 @@ class KubeGateway:
             try:
                 config.load_incluster_config()  # type: ignore[no-untyped-call]
             except config.ConfigException:
-                config.load_kube_config()  # type: ignore[no-untyped-call]
+                # The client reads $KUBECONFIG once, at import; read it now instead.
+                config.load_kube_config(  # type: ignore[no-untyped-call]
+                    config_file=os.environ.get("KUBECONFIG")
+                )
             api_client = client.ApiClient()
         self._client = dynamic.DynamicClient(api_client)  # type: ignore[no-untyped-call]
         self._lock = threading.Lock()

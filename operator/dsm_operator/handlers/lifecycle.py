@@ -13,6 +13,13 @@ from dsm_operator.reconcile import names
 from dsm_operator.settings import OperatorSettings
 
 
+class _QuietTimer(logging.Filter):
+    """Drops kopf's "Timer 'reconcile' succeeded." line, logged on every one-second tick."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Timer 'reconcile' succeeded" not in record.getMessage()
+
+
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Any, **_: Any) -> None:
     operator_settings = OperatorSettings()
@@ -29,6 +36,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Any, **_
     settings.watching.server_timeout = 270
     settings.posting.level = logging.INFO
     settings.execution.max_workers = 4
+    logging.getLogger("kopf.objects").addFilter(_QuietTimer())
     memo.settings = operator_settings
     memo.kube = KubeGateway()
     if operator_settings.metrics_port:

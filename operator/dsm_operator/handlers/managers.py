@@ -8,6 +8,7 @@ the same idempotent pass under one lock per resource, so they never interleave.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import kopf
@@ -17,7 +18,9 @@ from dsm_operator.reconcile import names
 from dsm_operator.settings import OperatorSettings
 
 RESOURCE = (names.GROUP, names.VERSION, names.PLURAL)
-_INTERVAL = OperatorSettings().reconcile_interval_seconds
+TICK_SECONDS = 1.0
+"""The timer fires this often and runs a pass once ``reconcile_interval_seconds`` have passed
+since the last one: kopf fixes a timer's interval at import, the setting is read at start-up."""
 
 
 def _lock(memo: kopf.Memo) -> asyncio.Lock:
@@ -40,8 +43,10 @@ async def _run(
     def event(type_: str, reason: str, message: str) -> None:
         kopf.event(body, type=type_, reason=reason, message=message)
 
-    ctx = driving.Context(settings=memo.settings, kube=memo.kube, event=event, logger=logger)
+    settings: OperatorSettings = memo.settings
+    ctx = driving.Context(settings=settings, kube=memo.kube, event=event, logger=logger)
     async with _lock(memo):
+        memo["last_pass"] = time.monotonic()
         result = await driving.reconcile_pass(
             ctx,
             name=str(meta["name"]),
@@ -71,7 +76,7 @@ async def on_change(
     await _run(body, spec, meta, status, patch, memo, logger)
 
 
-@kopf.timer(*RESOURCE, id="reconcile", interval=_INTERVAL, initial_delay=_INTERVAL)
+@kopf.timer(*RESOURCE, id="reconcile", interval=TICK_SECONDS)
 async def on_timer(
     body: kopf.Body,
     spec: kopf.Spec,
@@ -82,6 +87,10 @@ async def on_timer(
     logger: Any,
     **_: Any,
 ) -> None:
+    settings: OperatorSettings = memo.settings
+    last = memo.get("last_pass")
+    if last is not None and time.monotonic() - last < settings.reconcile_interval_seconds:
+        return
     await _run(body, spec, meta, status, patch, memo, logger)
 
 
