@@ -155,10 +155,11 @@ async def sign_in(
             ok = False
     else:
         _hasher.hash(password)  # same cost whether or not the user exists
-    async with engine.begin() as conn:
-        if not ok or user is None:
+    if not ok or user is None:
+        async with engine.begin() as conn:  # committed before the error is raised
             await conn.execute(Q.record_sign_in_failure, {"username": username, "source": source})
-            raise SignInError("wrong username or password")
+        raise SignInError("wrong username or password")
+    async with engine.begin() as conn:
         if _hasher.check_needs_rehash(user.password_hash):
             await conn.execute(
                 Q.set_password_hash, {"id": user.id, "password_hash": hash_password(password)}

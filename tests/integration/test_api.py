@@ -30,7 +30,8 @@ def node(
 
 def test_health_ready_metrics_and_nodes(node: NodeProcess) -> None:
     assert node.request("GET", "/healthz") == (
-        200, {"status": "ok", "phase": "online", "degraded": []}
+        200,
+        {"status": "ok", "phase": "online", "degraded": []},
     )
     assert node.request("GET", "/readyz") == (200, {"ready": True, "reasons": []})
     status, body = node.request("GET", "/api/nodes")

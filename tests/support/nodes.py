@@ -183,21 +183,24 @@ class Cluster:
     def __init__(self, database_url: str, log_dir: Path) -> None:
         self.database_url = database_url
         self.log_dir = log_dir
-        self.nodes: dict[str, NodeProcess] = {}
+        self.nodes: dict[str, NodeProcess] = {}  # the latest process of each name
+        self.started: list[NodeProcess] = []  # every process, for cleanup
 
     def start(self, name: str, wait: bool = True, **env: str) -> NodeProcess:
         n = NodeProcess(
             name,
             env.pop("database_url", self.database_url),
-            self.log_dir / f"{name}.log",
+            # one log per process: a restarted node's log starts empty
+            self.log_dir / f"{name}.{sum(p.name == name for p in self.started)}.log",
             env_extra=env,
         )
         self.nodes[name] = n
+        self.started.append(n)
         n.start()
         return n.wait_ready() if wait else n
 
     def close(self) -> None:
-        for n in self.nodes.values():
+        for n in self.started:
             if n.proc is not None and n.proc.poll() is None:
                 n.kill()
 
