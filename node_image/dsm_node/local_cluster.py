@@ -107,18 +107,20 @@ def run(args: argparse.Namespace) -> int:
             " | dsm jobs stats.  Ctrl-C stops the cluster."
         )
         last = ""
+        exited: set[str] = set()
         while not interrupted:
             table = _status_table(url)
             # redraw on every change when watching a terminal, else only when a status changes
-            key = table if sys.stdout.isatty() and not args.no_watch else _without_ages(table)
-            if key != last:
+            shown = table if sys.stdout.isatty() and not args.no_watch else _without_ages(table)
+            if shown != last:
                 if sys.stdout.isatty() and not args.no_watch:
                     print("\033[2J\033[H", end="")
                 stamp = time.strftime("%H:%M:%S")
                 print(f"[{stamp}] cluster status (Ctrl-C to stop)\n{table}\n", flush=True)
-                last = key
+                last = shown
             for name, proc in procs:
-                if proc.poll() is not None:
+                if proc.poll() is not None and name not in exited:
+                    exited.add(name)
                     print(f"warning: {name} exited with {proc.returncode}", file=sys.stderr)
             time.sleep(2)
     except KeyboardInterrupt:

@@ -95,7 +95,7 @@ def test_upgrade_takes_over_and_loses_no_job(dsm_cluster: Cluster) -> None:
     }
     for old in (b, c):
         wait_until(lambda old=old: old.request("GET", "/readyz")[0] == 503, 30, "old node unready")
-        status, body = old.request("GET", "/readyz")
+        _, body = old.request("GET", "/readyz")
         assert "Upgrade Required" in body["reasons"][0]
         assert old.proc is not None and old.proc.poll() is None  # alive, working on nothing
         assert old.request("GET", "/healthz")[0] == 200
