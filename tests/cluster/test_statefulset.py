@@ -25,6 +25,7 @@ from kubernetes import client
 from kubernetes import watch as watching
 from tests.cluster import controlplane
 from tests.cluster.plugin import Cluster
+from tests.cluster.waiting import wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -151,17 +152,6 @@ def statefulset(replicas: int) -> client.V1StatefulSet:
             ),
         ),
     )
-
-
-def wait_until(what: str, check: Callable[[], bool], timeout: float = 30) -> None:
-    """Poll ``check`` (an API read) with backoff until it holds, or fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    delay = 0.05
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.5)
 
 
 def status_counts(apps: Any, namespace: str) -> tuple[int, int]:
