@@ -330,3 +330,30 @@ def test_paused_old_node_learns_it_needs_an_upgrade(dsm_cluster: Cluster) -> Non
     assert query(url, "SELECT status FROM nodes WHERE name = 'b'") == [("upgrade_required",)]
     assert "rejoining" not in b.log_text()
     assert API_KEY  # the helper authenticates every call with it
+
+
+def test_a_migrating_node_stays_healthy_but_not_ready(dsm_cluster: Cluster, tmp_path: Path) -> None:
+    url = dsm_cluster.database_url
+    prepare(url)
+    (tmp_path / "0003_slow.sql").write_text(
+        "SELECT pg_sleep(4);\nCREATE TABLE slow_done (x int);\n"
+    )
+    node = dsm_cluster.start(
+        "m", wait=False, DSM_SOFTWARE_VERSION="0.2.0", DSM_EXTRA_MIGRATIONS_DIR=str(tmp_path)
+    )
+
+    def answering() -> bool:
+        try:
+            return node.request("GET", "/healthz")[0] == 200
+        except OSError:
+            return False
+
+    wait_until(answering, 30, "healthz answers")
+    seen = []
+    while node.request("GET", "/readyz")[0] != 200:
+        status, body = node.request("GET", "/healthz")
+        seen.append((status, body["phase"]))
+        time.sleep(0.2)
+    assert (200, "joining") in seen, seen  # probes see a healthy node during the migration
+    assert all(status == 200 for status, _ in seen)
+    assert query(url, "SELECT schema_version FROM dsm_schema") == [(3,)]

@@ -69,7 +69,9 @@ async def test_a_failing_migration_leaves_the_database_untouched(
 
 
 async def test_a_newer_schema_is_refused(database_url: str, tmp_path: Path) -> None:
-    (tmp_path / f"{_next_version():04d}_next.sql").write_text("CREATE TABLE next_feature (id int);\n")
+    (tmp_path / f"{_next_version():04d}_next.sql").write_text(
+        "CREATE TABLE next_feature (id int);\n"
+    )
     engine = create_engine(database_url, pool_size=1)
     try:
         await migrating.ensure_schema(engine, "0.2.0", extra_dirs=[tmp_path])
