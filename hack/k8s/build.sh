@@ -71,6 +71,17 @@ export GOPATH="$cache/go/path" GOMODCACHE="$cache/go/mod" GOCACHE="$cache/go/bui
 export GOTOOLCHAIN=local GOFLAGS="-buildvcs=false" CGO_ENABLED=0
 mkdir -p "$GOPATH" "$GOMODCACHE" "$GOCACHE" "$k8s_bin" "$kwok_dir" "$helm_dir"
 
+# One build at a time per cache: test runs of several people (or CI jobs) may share it. Whoever waits
+# re-execs once the lock is free and then finds the binaries cached.
+if command -v flock >/dev/null && [[ -z "${DSM_K8S_BUILD_LOCKED:-}" ]]; then
+    exec 9>"$cache/k8s/.build.lock"
+    if ! flock -n 9; then
+        log "another build holds $cache/k8s/.build.lock; waiting for it"
+        flock 9
+    fi
+    DSM_K8S_BUILD_LOCKED=1 exec "$0" "$@"
+fi
+
 # Peak memory per step, when GNU time is installed (apt-get install time).
 timed=()
 [[ -x /usr/bin/time ]] && timed=(/usr/bin/time -f '    peak RSS %M KiB, %e s wall, %U s user')
