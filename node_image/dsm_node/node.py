@@ -1,8 +1,11 @@
 """One manager node: wires the database, membership, the job pool and the HTTPS API together.
 
 Start-up order matters: the API comes up first (``/healthz`` answers during a long migration, so
-probes never kill a migrating node), then the schema is brought up to date under the migration
-lock, then the node registers and starts claiming.
+probes never kill a migrating node), then the node joins (``cluster.joining``: versions, master
+key, migrations, registration in one transaction), then it starts claiming.
+
+Phases: starting -> joining -> online <-> fenced (database unreachable), and the terminal
+upgrade_required / decommissioned (alive, working on nothing), stopping -> stopped.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ class Node:
         self._last_heartbeat_ok: float | None = None
         self._skew: float | None = None
         self._fenced = False
-        self.phase = "starting"  # starting, migrating, online, fenced, stopping, stopped
+        self.phase = "starting"  # see the module docstring
         self._tasks: list[asyncio.Task[Any]] = []
         self.keyring = crypto.Keyring()
         self.wrapper: crypto.KeyWrapper | None = None
