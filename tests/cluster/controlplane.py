@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import yaml
+
 from tests.cluster import certificates
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from tests.cluster import controlplane
 
 FIXTURES = frozenset({"k8s_control_plane", "k8s_workloads", "k8s_namespace"})

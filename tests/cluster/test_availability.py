@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from tests.cluster import controlplane, plugin
 
 pytestmark = pytest.mark.cluster

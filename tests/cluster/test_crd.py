@@ -16,6 +16,7 @@ import pytest
 from kubernetes import client
 from kubernetes import watch as watching
 from kubernetes.client import ApiException
+
 from tests.cluster.plugin import Cluster
 
 pytestmark = pytest.mark.cluster

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 from kubernetes.client import ApiException
+
 from tests.cluster.plugin import Cluster
 from tests.cluster.waiting import wait_until
 

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 from kubernetes import watch as watching
+
 from tests.cluster import controlplane
 from tests.cluster.plugin import Cluster
 from tests.cluster.waiting import wait_until

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 from kubernetes import client
+
 from tests.cluster import controlplane
 from tests.cluster.plugin import Cluster
 
