@@ -1,0 +1,1 @@
+"""Job-pool benchmarks against pgqueuer and procrastinate: ``python -m bench.throughput``."""
