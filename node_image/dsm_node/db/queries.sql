@@ -136,6 +136,13 @@ INSERT INTO jobs (id, type, payload, max_attempts, timeout_seconds)
 SELECT job_id, :type, CAST(:payload AS jsonb), :max_attempts, :timeout FROM run
 RETURNING id;
 
+-- name: claim_plan
+-- Transaction-local planner settings for claim_jobs: walk jobs_ready_idx in order and stop at the
+-- limit. With statistics taken while the table was (nearly) empty, and autoanalyze runs at most
+-- once a minute, the planner otherwise picks a bitmap scan that sorts the whole ready set on
+-- every claim (measured: 20 ms instead of 1 ms per claim of 100 with 30,000 jobs ready).
+SELECT set_config('enable_bitmapscan', 'off', true), set_config('enable_sort', 'off', true);
+
 -- name: claim_jobs
 -- Batched claim. Only an online node in its current incarnation claims; each claim spends an
 -- attempt, which together with the owner is the fencing token for everything that follows.

@@ -148,6 +148,7 @@ class JobPool:
 
     async def claim(self, node_id: int, epoch: int, limit: int) -> list[ClaimedJob]:
         async with self.engine.begin() as conn:
+            await conn.execute(Q.claim_plan)  # keeps the claim on the index (see queries.sql)
             rows = await conn.execute(
                 Q.claim_jobs, {"node_id": node_id, "epoch": epoch, "limit": limit}
             )

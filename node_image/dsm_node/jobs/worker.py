@@ -9,6 +9,7 @@ transaction. The loop sleeps on a NOTIFY from enqueuers, with polling as the fal
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -118,7 +119,7 @@ class Worker:
                 continue
             metrics.CLAIM_SECONDS.observe(time.perf_counter() - started)
             for job in jobs:
-                metrics.QUEUE_WAIT_SECONDS.labels(job.type).observe(max(0.0, job.waited_seconds))
+                _child(metrics.QUEUE_WAIT_SECONDS, job.type).observe(max(0.0, job.waited_seconds))
                 task = asyncio.create_task(self._execute(me, job), name=f"job-{job.id}")
                 self.running[job.id] = (job, task)
             if len(jobs) < want:
@@ -142,11 +143,13 @@ class Worker:
             if jt.transactional:
                 async with self._tx_slots, self.pool.engine.begin() as conn:
                     ctx.conn = conn
-                    await asyncio.wait_for(jt.handler(ctx, job.payload), job.timeout_seconds)
+                    async with asyncio.timeout(job.timeout_seconds):
+                        await jt.handler(ctx, job.payload)
                     if not await self.pool.complete_in(conn, me.node_id, [(job.id, job.attempt)]):
                         raise LostClaim()
             else:
-                await asyncio.wait_for(jt.handler(ctx, job.payload), job.timeout_seconds)
+                async with asyncio.timeout(job.timeout_seconds):
+                    await jt.handler(ctx, job.payload)
                 self._pending_done.append((job.id, job.attempt, job.type))
                 self._done_ready.set()
                 outcome = ""  # counted when the completion is written
@@ -173,8 +176,8 @@ class Worker:
             self.running.pop(job.id, None)
             self._slot_freed.set()
             if outcome:
-                metrics.JOBS.labels(job.type, outcome).inc()
-            metrics.JOB_SECONDS.labels(job.type).observe(time.perf_counter() - started)
+                _child(metrics.JOBS, job.type, outcome).inc()
+            _child(metrics.JOB_SECONDS, job.type).observe(time.perf_counter() - started)
 
     async def _record_failure(self, me: Identity, job: ClaimedJob, error: str) -> str:
         try:
@@ -220,8 +223,11 @@ class Worker:
             await asyncio.sleep(self.config.poll_interval)
             self._done_ready.set()
             return
-        for job_id, _, job_type in batch:
-            metrics.JOBS.labels(job_type, "succeeded" if job_id in done else "lost").inc()
+        counts = collections.Counter(
+            (job_type, "succeeded" if job_id in done else "lost") for job_id, _, job_type in batch
+        )
+        for labels, n in counts.items():
+            _child(metrics.JOBS, *labels).inc(n)
         if len(done) < len(batch):
             log.warning(
                 "%d completed jobs had been taken over by other nodes; their results were dropped",
@@ -248,6 +254,18 @@ class Worker:
             cut = []
         await self.flush_completions()
         return cut + self.take_abandoned()
+
+
+_children: dict[tuple[object, tuple[str, ...]], Any] = {}
+
+
+def _child(metric: Any, *labels: str) -> Any:
+    """``metric.labels(*labels)``, cached: the lookup costs more than the observation."""
+    key = (metric, labels)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*labels)
+    return child
 
 
 def _short(e: BaseException) -> str:
