@@ -71,7 +71,7 @@ def manager_body(name: str = "mgr", **spec: Any) -> dict[str, Any]:
 def wait_for(
     predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.2, what: str = ""
 ) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail with ``what`` after ``timeout``."""
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:

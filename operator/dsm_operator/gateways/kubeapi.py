@@ -35,10 +35,15 @@ class KubeGateway:
                     config_file=os.environ.get("KUBECONFIG")
                 )
             api_client = client.ApiClient()
+        self._api_client = api_client
         self._client = dynamic.DynamicClient(api_client)  # type: ignore[no-untyped-call]
         self._lock = threading.Lock()
         self._service_monitor_api = False
         self._service_monitor_checked = 0.0
+
+    def close(self) -> None:
+        """Close the connection pool (an operator stopped in-process leaves no sockets)."""
+        self._api_client.close()
 
     def _resource(self, api_version: str, kind: str) -> Any:
         with self._lock:  # discovery cache is not thread-safe
