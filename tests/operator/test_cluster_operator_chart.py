@@ -1,0 +1,155 @@
+"""The operator's Helm chart with the pinned helm: lint, render every ci/ value set, install into
+the real control plane and check the operator's ServiceAccount may do everything the operator does
+(``kubectl auth can-i``), cluster-wide and namespace-scoped."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.cluster
+
+CHART = Path(__file__).resolve().parents[2] / "helm" / "dsm-operator"
+
+# What the operator does in a namespace it serves (see gateways/kubeapi.py and driving.py).
+NEEDED = [
+    ("get", "deepsecuritymanagers.security.dsm.dev"),
+    ("watch", "deepsecuritymanagers.security.dsm.dev"),
+    ("patch", "deepsecuritymanagers.security.dsm.dev"),
+    ("patch", "deepsecuritymanagers.security.dsm.dev/status"),
+    ("create", "events"),
+    ("list", "pods"),
+    ("delete", "pods"),
+    ("get", "secrets"),
+    ("create", "secrets"),
+    ("patch", "services"),
+    ("create", "services"),
+    ("delete", "services"),
+    ("patch", "serviceaccounts"),
+    ("patch", "statefulsets.apps"),
+    ("create", "statefulsets.apps"),
+    ("patch", "poddisruptionbudgets.policy"),
+    ("delete", "poddisruptionbudgets.policy"),
+    ("patch", "servicemonitors.monitoring.coreos.com"),
+]
+
+
+def _docs(text: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+def test_lint_and_render_every_value_set(k8s_control_plane: Any) -> None:
+    k8s_control_plane.helm("lint", "--strict", str(CHART))
+    for values in sorted((CHART / "ci").glob("*-values.yaml")):
+        k8s_control_plane.helm("lint", "--strict", str(CHART), "-f", str(values))
+        docs = _docs(k8s_control_plane.helm("template", "r", str(CHART), "-f", str(values)).stdout)
+        deployments = [d for d in docs if d["kind"] == "Deployment"]
+        assert len(deployments) == 1, values.name
+        assert deployments[0]["spec"]["replicas"] == 1
+        assert deployments[0]["spec"]["strategy"] == {"type": "Recreate"}
+
+
+def test_schema_refuses_unknown_values(k8s_control_plane: Any) -> None:
+    with pytest.raises(subprocess.CalledProcessError) as refused:
+        k8s_control_plane.helm("template", "r", str(CHART), "--set", "replicas=2")
+    assert "replicas" in refused.value.stderr
+
+
+def test_namespaced_rbac_needs_namespaces(k8s_control_plane: Any) -> None:
+    with pytest.raises(subprocess.CalledProcessError) as refused:
+        k8s_control_plane.helm("template", "r", str(CHART), "--set", "rbac.clusterWide=false")
+    assert "watch.namespaces" in refused.value.stderr
+
+
+def test_namespaced_render_watches_only_its_namespaces(k8s_control_plane: Any) -> None:
+    values = CHART / "ci" / "namespaced-values.yaml"
+    docs = _docs(k8s_control_plane.helm("template", "r", str(CHART), "-f", str(values)).stdout)
+    roles = sorted(d["metadata"]["namespace"] for d in docs if d["kind"] == "Role")
+    assert roles == ["team-a", "team-b"]
+    cluster_role = next(d for d in docs if d["kind"] == "ClusterRole")
+    resources = {r for rule in cluster_role["rules"] for r in rule["resources"]}
+    assert "secrets" not in resources
+    args = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"][
+        "containers"
+    ][0]["args"]
+    assert args == ["--namespace=team-a", "--namespace=team-b"]
+
+
+def _can_i(cluster: Any, sa: str, namespace: str, verb: str, resource: str) -> bool:
+    """A SubjectAccessReview (works for APIs not served here, unlike ``kubectl auth can-i``)."""
+    from kubernetes import client
+
+    name, _, sub = resource.partition("/")
+    plural, _, group = name.partition(".")
+    sa_namespace = sa.split(":")[2]
+    review = client.V1SubjectAccessReview(
+        spec=client.V1SubjectAccessReviewSpec(
+            user=sa,
+            groups=["system:serviceaccounts", f"system:serviceaccounts:{sa_namespace}"],
+            resource_attributes=client.V1ResourceAttributes(
+                namespace=namespace or None,
+                verb=verb,
+                group=group,
+                resource=plural,
+                subresource=sub or None,
+            ),
+        )
+    )
+    result = client.AuthorizationV1Api(cluster.api_client).create_subject_access_review(review)
+    return bool(result.status.allowed)
+
+
+def test_installed_cluster_wide_operator_may_do_its_work(
+    k8s_control_plane: Any, k8s_namespace: str, dsm_crd: str
+) -> None:
+    release = "op"
+    k8s_control_plane.helm(
+        "install", release, str(CHART), "-n", k8s_namespace, "--skip-crds", "--wait=false"
+    )
+    try:
+        sa = f"system:serviceaccount:{k8s_namespace}:{release}-dsm-operator"
+        missing = [
+            f"{verb} {res}"
+            for verb, res in NEEDED
+            if not _can_i(k8s_control_plane, sa, "some-other-namespace", verb, res)
+        ]
+        assert missing == []
+        assert _can_i(
+            k8s_control_plane, sa, "", "list", "customresourcedefinitions.apiextensions.k8s.io"
+        )
+    finally:
+        k8s_control_plane.helm("uninstall", release, "-n", k8s_namespace)
+
+
+def test_installed_namespaced_operator_is_confined(
+    k8s_control_plane: Any, k8s_namespace: str, dsm_crd: str
+) -> None:
+    release = "opns"
+    k8s_control_plane.helm(
+        "install",
+        release,
+        str(CHART),
+        "-n",
+        k8s_namespace,
+        "--skip-crds",
+        "--set",
+        "rbac.clusterWide=false",
+        "--set",
+        f"watch.namespaces={{{k8s_namespace}}}",
+    )
+    try:
+        sa = f"system:serviceaccount:{k8s_namespace}:{release}-dsm-operator"
+        missing = [
+            f"{verb} {res}"
+            for verb, res in NEEDED
+            if not _can_i(k8s_control_plane, sa, k8s_namespace, verb, res)
+        ]
+        assert missing == []
+        assert not _can_i(k8s_control_plane, sa, "default", "get", "secrets")
+        assert not _can_i(k8s_control_plane, sa, "default", "patch", "statefulsets.apps")
+    finally:
+        k8s_control_plane.helm("uninstall", release, "-n", k8s_namespace)
