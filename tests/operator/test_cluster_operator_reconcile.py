@@ -9,8 +9,10 @@ Every test has its own namespace and its own operator (``--standalone --namespac
 from __future__ import annotations
 
 import contextlib
+import gc
 import threading
 import urllib.request
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +42,21 @@ def operator_env(monkeypatch: pytest.MonkeyPatch, k8s_workloads: Any) -> int:
     monkeypatch.setenv("DSM_OPERATOR_METRICS_ADDRESS", "127.0.0.1")
     monkeypatch.setenv("DSM_OPERATOR_NODE_IMAGE_REPOSITORY", "registry.test/dsm-node")
     return port
+
+
+@pytest.fixture(autouse=True)
+def _collect_operator_leftovers() -> Iterator[None]:
+    """Finalize what a stopped in-process operator left behind, here and silently.
+
+    kopf's aiohttp sessions to the API server are not all closed when ``KopfRunner`` stops the
+    operator's loop (a production operator exits its process instead). Left alone, their
+    ResourceWarnings surface at some later garbage collection -- in whatever test runs then,
+    where ``filterwarnings = error`` fails it. Collecting right after each test keeps them here.
+    """
+    yield
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
 
 
 @contextlib.contextmanager
