@@ -74,6 +74,7 @@ def manager(
     try:
         yield m
     finally:
+        operator = m.operator  # a test may have replaced it
         operator.stop()
         # No StatefulSet, no re-created pods: then stop what still runs, without grace.
         e2e_api.call(

@@ -124,7 +124,7 @@ class OperatorProcess:
         env = {
             **os.environ,
             "KUBECONFIG": str(self.kubeconfig),
-            "PYTHONPATH": str(REPO),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
             "DSM_OPERATOR_RECONCILE_INTERVAL_SECONDS": str(self.reconcile_interval),
             "DSM_OPERATOR_NODE_API_NETWORKS": '["127.0.0.0/8"]',
             "DSM_OPERATOR_METRICS_PORT": str(self.metrics_port),

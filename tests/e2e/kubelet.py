@@ -179,6 +179,7 @@ class PodRunner:
     ready_since: str = ""
     terminating_since: float | None = None
     kill_deadline: float | None = None
+    signalled: bool = False
     config_error: str = ""
     log_paths: list[Path] = field(default_factory=list)
     probes: dict[str, Probe] = field(default_factory=dict)
@@ -215,7 +216,7 @@ class MiniKubelet:
         self.commands: dict[str, list[str]] = {"dsm": [sys.executable, "-m", "dsm_node"]}
         """argv[0] of a container command -> the local argv prefix that replaces it."""
         self.extra_env: dict[str, str] = {
-            "PYTHONPATH": str(REPO),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
             "DSM_JOB_MODULES": "tests.support.jobtypes",
         }
         """Added to every process; ``DSM_BIND_ADDRESS`` is always the pod IP on top of this."""
@@ -589,11 +590,12 @@ class MiniKubelet:
             if r.running:
                 assert r.proc is not None
                 r.proc.send_signal(signal.SIGTERM)
+                r.signalled = True
         if r.terminating_since is not None:
             if r.running and r.kill_deadline is not None and now >= r.kill_deadline:
                 self._kill(r)
             if not r.running:
-                if r.proc is not None and r.proc.returncode is not None:
+                if r.signalled and r.proc is not None and r.proc.returncode is not None:
                     self._event(r, "exited", f"code {r.proc.returncode} after SIGTERM")
                 self._finalize_delete(r.namespace, r.name, r.uid)
                 self._drop(r)
