@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,36 +48,3 @@ def dsm_crd(k8s_control_plane: Any) -> str:
             return str(body["metadata"]["name"])
         time.sleep(0.2)
     raise TimeoutError("the DeepSecurityManager CRD was not Established in 30 s")
-
-
-def manager_body(name: str = "mgr", **spec: Any) -> dict[str, Any]:
-    """A valid DeepSecurityManager; keyword arguments replace top-level spec fields."""
-    base: dict[str, Any] = {
-        "version": "20.0.1",
-        "nodes": 1,
-        "database": {"secretRef": {"name": "dsm-db"}},
-        "masterKey": {"localSecretRef": {"name": "dsm-master-key"}},
-    }
-    base.update(spec)
-    return {
-        "apiVersion": "security.dsm.dev/v1alpha1",
-        "kind": "DeepSecurityManager",
-        "metadata": {"name": name},
-        "spec": {k: v for k, v in base.items() if v is not None},
-    }
-
-
-def wait_for(
-    predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.2, what: str = ""
-) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(
-        f"timed out after {timeout:.0f} s waiting for {what or predicate}: {last!r}"
-    )

@@ -22,7 +22,7 @@ from kopf.testing import KopfRunner
 from kubernetes import client
 from kubernetes import watch as watching
 from tests.cluster import controlplane
-from tests.operator.conftest import manager_body, wait_for
+from tests.operator.clusterkit import manager_body, wait_for
 
 pytestmark = pytest.mark.cluster
 
