@@ -23,6 +23,10 @@ TICK_SECONDS = 1.0
 since the last one: kopf fixes a timer's interval at import, the setting is read at start-up."""
 
 
+_WOKEN: set[tuple[str, str]] = set()
+"""(namespace, name) of resources whose pods or StatefulSet changed since their last pass."""
+
+
 def _lock(memo: kopf.Memo) -> asyncio.Lock:
     lock = memo.get("lock")
     if lock is None:
@@ -88,10 +92,26 @@ async def on_timer(
     **_: Any,
 ) -> None:
     settings: OperatorSettings = memo.settings
+    key = (str(meta["namespace"]), str(meta["name"]))
     last = memo.get("last_pass")
-    if last is not None and time.monotonic() - last < settings.reconcile_interval_seconds:
+    due = last is None or time.monotonic() - last >= settings.reconcile_interval_seconds
+    if not due and key not in _WOKEN:
         return
+    _WOKEN.discard(key)
     await _run(body, spec, meta, status, patch, memo, logger)
+
+
+_CHILD_LABELS = {names.LABEL_MANAGED_BY: names.MANAGED_BY, names.LABEL_NAME: names.APP_NAME}
+
+
+@kopf.on.event("pods", labels=_CHILD_LABELS)
+@kopf.on.event("apps", "v1", "statefulsets", labels=_CHILD_LABELS)
+def on_child_event(meta: kopf.Meta, **_: Any) -> None:
+    """A node pod or the StatefulSet changed: the owner's next timer tick (<= 1 s) runs a pass
+    instead of waiting for the reconcile interval, so each launch step follows readiness."""
+    instance = (meta.get("labels") or {}).get(names.LABEL_INSTANCE)
+    if instance:
+        _WOKEN.add((str(meta["namespace"]), str(instance)))
 
 
 @kopf.on.delete(*RESOURCE, id="delete", optional=True)

@@ -123,6 +123,9 @@ def _env(spec: ManagerSpec) -> list[dict[str, Any]]:
             "value": f"{names.API_KEY_DIR}/{names.API_KEY_SECRET_KEY}",
         },
         {"name": "DSM_OFFLINE_THRESHOLD_SECONDS", "value": str(spec.offline_threshold_seconds)},
+        # On Kubernetes a new pod for an ordinal is a new node by construction: after a
+        # scale-down decommissioned it, a later scale-up must be able to reuse the name.
+        {"name": "DSM_REUSE_DECOMMISSIONED_NAME", "value": "true"},
         {"name": "TZ", "value": spec.time_zone},
     ]
     if spec.tls is not None:
