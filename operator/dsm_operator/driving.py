@@ -311,6 +311,31 @@ async def _reconcile(
         )
         lb_address = observations.load_balancer_address(lb)
 
+    # Tell the managers how agents connect, once per change (remembered in the status).
+    agents = manifests.agent_settings(spec, lb_address or status_body.get("loadBalancerAddress"))
+    agent_applied = status_body.get("agentSettings")
+    wanted = None if agents is None else {"mode": spec.agent_connection, **agents}
+    # A merge patch drops null values from the status, so compare with absent keys as None.
+    recorded = {k: (agent_applied or {}).get(k) for k in wanted or ()}
+    if wanted is not None and agents is not None and targets and wanted != recorded:
+        try:
+            await api.patch_settings(targets[0], agents)
+        except Exception as exc:
+            api_error = f"PATCH settings: {type(exc).__name__}: {exc}"
+            metrics.NODE_API_ERRORS.labels(namespace, name).inc()
+        else:
+            agent_applied = wanted
+            ctx.event(
+                "Normal",
+                "AgentConnectionSet",
+                f"agents connect via {spec.agent_connection}"
+                + (
+                    f" ({agents['managerAddress']}:{agents['managerPort']})"
+                    if agents.get("managerAddress")
+                    else ""
+                ),
+            )
+
     # 5. Status.
     obs = statuses.Observation(
         cr_name=name,
@@ -325,6 +350,10 @@ async def _reconcile(
         load_balancer_address=lb_address,
     )
     new = statuses.build(obs, status_body)
+    if agent_applied:
+        # Stored without nulls, exactly as a merge patch leaves it, so an unchanged value
+        # does not count as a status change.
+        new["agentSettings"] = {k: v for k, v in agent_applied.items() if v is not None}
     _export(namespace, name, new)
     previous_rollout = status_body.get("rollout") or {}
     rollout = new.get("rollout") or {}

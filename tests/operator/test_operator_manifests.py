@@ -459,3 +459,28 @@ def test_every_child_is_owned_and_namespaced() -> None:
         assert child["metadata"]["namespace"] == "sec"
         assert child["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
         assert child["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "dsm-operator"
+
+
+# --- how agents connect -----------------------------------------------------------------------
+
+
+def test_agents_get_the_node_list_by_default() -> None:
+    assert manifests.agent_settings(spec(), "lb.example") == dict.fromkeys(
+        manifests.AGENT_SETTING_KEYS
+    )
+
+
+def test_agents_via_the_load_balancer() -> None:
+    s = spec(agentConnection="loadBalancer", loadBalancer={"port": 8443})
+    assert manifests.agent_settings(s, "lb.example") == {
+        "managerAddress": "lb.example",
+        "managerPort": 8443,
+        "heartbeatAddress": "lb.example",
+        "heartbeatPort": 8443,
+        "relayAddress": "lb.example",
+        "relayPort": 8443,
+    }
+
+
+def test_agents_via_a_load_balancer_without_an_address_wait() -> None:
+    assert manifests.agent_settings(spec(agentConnection="loadBalancer"), None) is None

@@ -7,6 +7,7 @@ import datetime
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -53,12 +54,14 @@ def _certificate(tmp: Path, name: str) -> tuple[Path, Path, bytes]:
 class FakeNode:
     def __init__(self) -> None:
         self.decommissioned: list[str] = []
+        self.patched: list[dict[str, Any]] = []
         self.statuses = {"mgr-0": "Online", "mgr-3": "Offline", "mgr-4": "Online"}
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/api/nodes", self.nodes)
         app.router.add_post("/api/nodes/{name}/decommission", self.decommission)
+        app.router.add_patch("/api/settings", self.settings)
         return app
 
     def _authorized(self, request: web.Request) -> bool:
@@ -75,6 +78,15 @@ class FakeNode:
                 ]
             }
         )
+
+    async def settings(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return web.json_response({"error": "unauthorized"}, status=401)
+        body = await request.json()
+        if "bogus" in body:
+            return web.json_response({"error": "unknown setting(s): bogus"}, status=400)
+        self.patched.append(body)
+        return web.json_response({"settings": body})
 
     async def decommission(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
@@ -149,3 +161,12 @@ async def test_decommission(server: tuple[FakeNode, int, bytes], node: str, code
     api = nodeapi.NodeApi(KEY, pem, timeout=5)
     assert await api.decommission(_target(port), node) == code
     assert fake.decommissioned == (["mgr-3"] if code == 200 else [])
+
+
+async def test_patch_settings(server: tuple[FakeNode, int, bytes]) -> None:
+    fake, port, pem = server
+    api = nodeapi.NodeApi(KEY, pem, timeout=5)
+    await api.patch_settings(_target(port), {"managerAddress": "lb", "managerPort": 443})
+    assert fake.patched == [{"managerAddress": "lb", "managerPort": 443}]
+    with pytest.raises(nodeapi.NodeApiError, match=r"400 .*bogus"):
+        await api.patch_settings(_target(port), {"bogus": 1})

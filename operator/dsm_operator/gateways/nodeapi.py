@@ -88,6 +88,18 @@ class NodeApi:
                 raise NodeApiError(f"POST decommission {node} on {target.address}: {resp.status}")
             return resp.status
 
+    async def patch_settings(self, target: Target, values: dict[str, Any]) -> None:
+        """``PATCH /api/settings`` with camelCase keys; any answer but 200 is an error."""
+        async with (
+            aiohttp.ClientSession(timeout=self._timeout) as session,
+            session.patch(
+                f"{target.base_url}{names.SETTINGS_PATH}", json=values, **self._kwargs(target)
+            ) as resp,
+        ):
+            if resp.status != 200:
+                text = (await resp.text())[:200]
+                raise NodeApiError(f"PATCH {names.SETTINGS_PATH}: {resp.status} {text}")
+
 
 def parse_nodes(body: Any) -> list[NodeReport]:
     """The ``GET /api/nodes`` body as reports; malformed entries are an error, not skipped."""

@@ -450,3 +450,35 @@ def unwanted_children(spec: ManagerSpec, owner: Owner) -> list[tuple[str, str, s
             ("monitoring.coreos.com/v1", "ServiceMonitor", names.service_monitor_name(owner.name))
         )
     return result
+
+
+AGENT_SETTING_KEYS = (
+    "managerAddress",
+    "managerPort",
+    "heartbeatAddress",
+    "heartbeatPort",
+    "relayAddress",
+    "relayPort",
+)
+
+
+def agent_settings(spec: ManagerSpec, load_balancer_address: str | None) -> dict[str, Any] | None:
+    """The cluster settings (``PATCH /api/settings``) that tell agents where to connect.
+
+    ``nodeList``: every override cleared, so the managers hand out the list of node addresses.
+    ``loadBalancer``: manager, heartbeat and relay all point at the load balancer's published
+    port (one port, TCP passthrough). ``None`` while the load balancer has no address yet.
+    """
+    if spec.agent_connection == "nodeList":
+        return dict.fromkeys(AGENT_SETTING_KEYS)
+    if not load_balancer_address:
+        return None
+    port = spec.load_balancer.port
+    return {
+        "managerAddress": load_balancer_address,
+        "managerPort": port,
+        "heartbeatAddress": load_balancer_address,
+        "heartbeatPort": port,
+        "relayAddress": load_balancer_address,
+        "relayPort": port,
+    }
