@@ -51,6 +51,11 @@ class NodeConfig(BaseSettings):
         None, description="Administrator API key registered on first start (the operator's)."
     )
     bootstrap_api_key_file: Path | None = Field(None, description="File holding the API key.")
+    reuse_decommissioned_name: bool = Field(
+        False,
+        description="Join as a new node when this name was decommissioned (on Kubernetes a new "
+        "pod for a scaled-down ordinal is a new node); by default such a node refuses to start.",
+    )
     clock_offset_seconds: float = Field(
         0.0, description="Test-only: shifts this node's wall clock (its liveness never uses it)."
     )

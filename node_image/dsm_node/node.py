@@ -188,6 +188,7 @@ class Node:
                     seed,
                 ),
                 extra_dirs=[cfg.extra_migrations_dir] if cfg.extra_migrations_dir else None,
+                reuse_decommissioned_name=cfg.reuse_decommissioned_name,
             )
         except joining.UpgradeRequired as e:
             self._enter_upgrade_required(str(e))

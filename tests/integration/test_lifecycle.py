@@ -44,6 +44,10 @@ def state_of(url: str) -> Any:
     )
 
 
+def rows_id(url: str) -> int:
+    return int(query(url, "SELECT min(id) FROM nodes WHERE name LIKE 'b%'")[0][0])
+
+
 def refused(node: NodeProcess, timeout: float = 60) -> str:
     assert node.proc is not None
     code = node.proc.wait(timeout)
@@ -207,6 +211,19 @@ def test_decommission_only_offline_nodes(dsm_cluster: Cluster) -> None:
     again = dsm_cluster.start("b", wait=False)
     assert "decommissioned" in refused(again)
     assert state_of(url) == before
+    # unless told that a node with this name is a new node (a new pod for a scaled-down ordinal)
+    new_b = dsm_cluster.start("b", DSM_REUSE_DECOMMISSIONED_NAME="true")
+    assert statuses(new_b)["b"] == "Online"
+    rows = query(url, "SELECT name, status FROM nodes WHERE name LIKE 'b%' ORDER BY id")
+    assert rows == [(f"b~decommissioned-{rows_id(url)}", "decommissioned"), ("b", "online")]
+    assert (
+        query(
+            url,
+            "SELECT count(*) FROM job_history h JOIN nodes n ON n.id = h.node_id "
+            "WHERE n.name LIKE 'b~decommissioned-%'",
+        )[0][0]
+        > 0
+    )
 
 
 def test_sign_in_on_one_node_works_on_another(dsm_cluster: Cluster) -> None:

@@ -102,6 +102,7 @@ async def join(
     bootstrap: Bootstrap,
     extra_dirs: list[Path] | None = None,
     register: bool = True,
+    reuse_decommissioned_name: bool = False,
 ) -> Joined:
     mine = parse_version(version)
     migrations = migrating.load_migrations(extra_dirs)
@@ -143,6 +144,14 @@ async def join(
             log.info("created %s", what)
         await settings_store.write(conn, bootstrap.settings, only_if_absent=True)
         identity = None
+        if register and reuse_decommissioned_name:
+            released = (await conn.execute(Q.release_decommissioned_name, {"name": name})).first()
+            if released is not None:
+                log.info(
+                    "name %s was decommissioned (node id %d); joining as a new node",
+                    name,
+                    released.id,
+                )
         if register:
             identity = await Membership.register_in(conn, name, address, api_port, version)
     if applied:

@@ -32,6 +32,12 @@ ON CONFLICT (name) DO UPDATE
     WHERE n.status <> 'decommissioned'
 RETURNING id, epoch;
 
+-- name: release_decommissioned_name
+-- The decommissioned node keeps its id and its history under a new name; the name is free again.
+UPDATE nodes SET name = name || '~decommissioned-' || id
+WHERE name = :name AND status = 'decommissioned'
+RETURNING id;
+
 -- name: node_by_name
 SELECT id, status FROM nodes WHERE name = :name;
 
