@@ -108,14 +108,21 @@ async def bootstrap(
         await create_user(conn, keyring, admin_username, admin_password, "administrator")
         created.append(f"administrator {admin_username!r}")
     if api_key:
+        # Registered on every start when missing (a re-created operator brings a new key); the
+        # name carries a fingerprint so that several bootstrap keys can coexist.
+        digest = token_hash(api_key)
         row = (
             await conn.execute(
                 Q.insert_api_key,
-                {"name": "bootstrap", "key_hash": token_hash(api_key), "role": "administrator"},
+                {
+                    "name": f"bootstrap-{digest.hex()[:8]}",
+                    "key_hash": digest,
+                    "role": "administrator",
+                },
             )
         ).first()
         if row is not None:
-            created.append("bootstrap API key")
+            created.append(f"bootstrap API key bootstrap-{digest.hex()[:8]}")
     return created
 
 
