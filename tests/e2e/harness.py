@@ -26,7 +26,7 @@ import psycopg
 import yaml
 
 from tests.e2e.kubeapi import KubeApi
-from tests.e2e.kubelet import NODE_LABEL, MiniKubelet
+from tests.e2e.kubelet import NODE_LABEL, TOLERATION, MiniKubelet
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_FILE = REPO / "crds" / "deepsecuritymanagers.yaml"
@@ -231,7 +231,7 @@ class Manager:
             "masterKey": {"localSecretRef": {"name": "dsm-master-key"}},
             "offlineThresholdSeconds": 30,
             "nodeReadyTimeoutSeconds": 600,
-            "scheduling": {"nodeSelector": {NODE_LABEL: "true"}},
+            "scheduling": {"nodeSelector": {NODE_LABEL: "true"}, "tolerations": [TOLERATION]},
             **self.extra_spec,
         }
         return {

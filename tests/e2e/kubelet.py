@@ -2,10 +2,11 @@
 
 kwok would mark pods Ready by itself, which fakes exactly what the e2e tier must show (nodes that
 become Ready when -- and only when -- the node runtime says so). Instead this registers its own
-Node (label ``dsm-e2e=true``, no kwok annotation, so kwok ignores it), keeps its Lease and Ready
-condition fresh, and for every pod the scheduler binds to it:
+Node (label ``dsm-e2e=true``; no kwok annotation, so kwok ignores it; taint
+``dsm-e2e=true:NoSchedule``, so pods of other tiers sharing the control plane never land on it),
+keeps its Lease and Ready condition fresh, and for every pod the scheduler binds to it:
 
-- gives it a loopback pod IP of its own (``127.64.0.0/10``-ish, checked free by binding; kwok uses
+- gives it a loopback pod IP of its own (127.64-127.x.y, checked free by binding; kwok uses
   127.1/16 and Services 127.2/16), so every node process binds only its own address;
 - writes its Secret / ConfigMap volumes into a directory and rewrites environment values and
   arguments that point into a ``mountPath`` to that directory;
@@ -68,6 +69,9 @@ log = logging.getLogger("e2e.kubelet")
 
 REPO = Path(__file__).resolve().parents[2]
 NODE_LABEL = "dsm-e2e"
+NODE_TAINT = {"key": NODE_LABEL, "value": "true", "effect": "NoSchedule"}
+"""Pods must tolerate this to land on the kubelet's node (see :data:`TOLERATION`)."""
+TOLERATION = {"key": NODE_LABEL, "operator": "Equal", "value": "true", "effect": "NoSchedule"}
 HOST_IP = "127.0.0.1"
 
 _LIBC = (
@@ -385,12 +389,17 @@ class MiniKubelet:
                     "kubernetes.io/arch": "amd64",
                 },
             },
-            "spec": {},
+            # Only pods that tolerate this run here: the cluster and operator tiers share the
+            # session's control plane, and their pods must stay on kwok's node.
+            "spec": {"taints": [NODE_TAINT]},
             "status": self._node_status(),
         }
         status, reply = self.api.call("POST", "/api/v1/nodes", node)
         if status == 409:  # left over by an earlier run in this control plane
-            self.api.merge_patch(f"/api/v1/nodes/{self.node_name}", {"metadata": node["metadata"]})
+            self.api.merge_patch(
+                f"/api/v1/nodes/{self.node_name}",
+                {"metadata": node["metadata"], "spec": node["spec"]},
+            )
         elif status != 201:
             raise ApiError(status, reply, "register node")
         self._heartbeat()
@@ -436,7 +445,11 @@ class MiniKubelet:
         deadline = time.monotonic() + timeout
         while True:
             node = self.api.get(f"/api/v1/nodes/{self.node_name}") or {}
-            taints = (node.get("spec") or {}).get("taints") or []
+            taints = [
+                t
+                for t in (node.get("spec") or {}).get("taints") or []
+                if t.get("key") != NODE_TAINT["key"]
+            ]
             if not any(t.get("effect") in ("NoSchedule", "NoExecute") for t in taints):
                 return
             if time.monotonic() > deadline:

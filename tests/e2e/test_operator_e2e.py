@@ -335,15 +335,11 @@ def test_an_operator_restarted_mid_upgrade_resumes_it(
     assert kubelet.errors == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug (docs/e2e.md): a scale-up re-uses the ordinal name of a node the operator "
-    "decommissioned on scale-down, and a decommissioned name can never rejoin",
-)
 def test_scaling_back_up_after_a_scale_down_brings_the_node_back(
     manager: Manager, kubelet: MiniKubelet
 ) -> None:
-    """3 -> 2 decommissions mgr-2; 2 -> 3 then makes a new pod mgr-2 whose node must join."""
+    """3 -> 2 decommissions mgr-2; 2 -> 3 then makes a new pod mgr-2 whose node must join (the
+    bug this found: a decommissioned name could never rejoin, so the new pod restarted forever)."""
     launch(manager, kubelet, 3)
     manager.patch_spec(nodes=2)
     wait_for(
