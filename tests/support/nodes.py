@@ -163,7 +163,7 @@ def wait_until(
 
 def query(url: str, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
     with psycopg.connect(url, autocommit=True) as conn:
-        cur = conn.execute(sql, params)  # type: ignore[arg-type]
+        cur = conn.execute(sql, params)
         return cur.fetchall() if cur.description is not None else []
 
 

@@ -34,7 +34,7 @@ class Server:
 
     def admin(self, sql: str) -> None:
         with psycopg.connect(self.admin_url, autocommit=True) as conn:
-            conn.execute(sql)  # type: ignore[arg-type]
+            conn.execute(sql)
 
     def create(self, name: str, template: str | None = None) -> str:
         self.admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
