@@ -61,13 +61,16 @@ def parse_version(v: str) -> Version:
         raise ValueError(f"software version {v!r} is not a valid version (e.g. 1.4.2)") from None
 
 
-async def wait_for_name(engine: AsyncEngine, name: str, interval: float) -> None:
-    """A restarted node reuses its name at once when the previous holder is silent; a holder that
-    is still heartbeating is a live duplicate and this node refuses to start."""
+async def wait_for_name(engine: AsyncEngine, name: str, default_interval: float) -> None:
+    """A restarted node reuses its name as soon as the previous holder's heartbeat is older than
+    two intervals (at once when it already is); a holder whose heartbeat still advances is a live
+    duplicate, and this node refuses to start."""
     async with engine.connect() as conn:
         if not await _table_exists(conn, "nodes"):
             return
         first = (await conn.execute(Q.node_row, {"name": name})).first()
+        stored = {r.key: r.value for r in await conn.execute(Q.get_settings)}
+    interval = float(stored.get("heartbeat_interval_seconds", default_interval))
     if first is None or first.status != "online":
         return
     if (first.db_now - first.last_heartbeat).total_seconds() > 2 * interval:
@@ -84,6 +87,8 @@ async def wait_for_name(engine: AsyncEngine, name: str, interval: float) -> None
             now = (await conn.execute(Q.node_row, {"name": name})).first()
         if now is None or now.status != "online":
             return
+        if (now.db_now - now.last_heartbeat).total_seconds() > 2 * interval:
+            return  # silent for two intervals: the previous incarnation is gone
         if now.last_heartbeat > first.last_heartbeat or now.epoch != first.epoch:
             raise DuplicateName(
                 f"another node named {name!r} is online and heartbeating; give each node a "
