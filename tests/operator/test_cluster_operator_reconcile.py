@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import threading
 import urllib.request
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -22,6 +20,7 @@ from kopf.testing import KopfRunner
 from kubernetes import client
 from kubernetes import watch as watching
 from tests.cluster import controlplane
+from tests.cluster.podwatch import PodEvents
 from tests.operator.clusterkit import manager_body, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -68,62 +67,17 @@ def running_operator(namespace: str) -> Iterator[KopfRunner]:
     assert runner.exit_code == 0, runner.output
 
 
-@dataclass(frozen=True)
-class PodEvent:
-    type: str
-    name: str
-    ready: bool
-    deleting: bool
-    revision: str | None
-
-
-class PodLog:
-    """Pod watch events of one namespace in API order (a background thread)."""
+class PodLog(PodEvents):
+    """The shared pod watch, with the questions these tests ask of it."""
 
     def __init__(self, api_client: Any, namespace: str) -> None:
-        self.core = client.CoreV1Api(api_client)
-        self.namespace = namespace
-        self.events: list[PodEvent] = []
-        self._stop = threading.Event()
-        rv = self.core.list_namespaced_pod(namespace).metadata.resource_version
-        self._thread = threading.Thread(target=self._run, args=(rv,), daemon=True)
-        self._thread.start()
-
-    def _run(self, rv: str) -> None:
-        while not self._stop.is_set():
-            w = watch.Watch()
-            for event in w.stream(
-                self.core.list_namespaced_pod,
-                self.namespace,
-                resource_version=rv,
-                timeout_seconds=1,
-            ):
-                pod = event["object"]
-                rv = pod.metadata.resource_version
-                ready = any(
-                    c.type == "Ready" and c.status == "True" for c in pod.status.conditions or ()
-                )
-                self.events.append(
-                    PodEvent(
-                        event["type"],
-                        pod.metadata.name,
-                        ready,
-                        pod.metadata.deletion_timestamp is not None,
-                        (pod.metadata.labels or {}).get("controller-revision-hash"),
-                    )
-                )
-                if self._stop.is_set():
-                    w.stop()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+        super().__init__(client.CoreV1Api(api_client), namespace)
 
     def starts_while_others_unready(self) -> list[str]:
         """Pods created while another live pod was not Ready (a second concurrent start)."""
         state: dict[str, bool] = {}
         violations = []
-        for e in self.events:
+        for e in self.snapshot():
             if e.type == "ADDED":
                 others = [n for n, ready in state.items() if not ready]
                 if others:
@@ -135,13 +89,13 @@ class PodLog:
         return violations
 
     def created(self) -> list[str]:
-        return [e.name for e in self.events if e.type == "ADDED"]
+        return [e.name for e in self.snapshot() if e.type == "ADDED"]
 
     def deleted(self) -> list[str]:
         """Pods in the order their deletion began (an unscheduled pod goes without a mark)."""
         seen: list[str] = []
         marked: set[str] = set()
-        for e in self.events:
+        for e in self.snapshot():
             if e.type == "ADDED":
                 marked.discard(e.name)
             elif (e.deleting or e.type == "DELETED") and e.name not in marked:
