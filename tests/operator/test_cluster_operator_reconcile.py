@@ -389,7 +389,10 @@ def test_a_version_that_never_gets_ready_stops_the_rollout(
                 150,
                 what="Degraded RolloutStalled",
             )
-            assert log.deleted() == ["mgr-0"]
+            # No pod but the first was touched. (Once in four full runs under load mgr-0 was
+            # replaced twice before the stall; the rule under test is that mgr-1 and mgr-2 stay.)
+            stalled_deletions = log.deleted()
+            assert set(stalled_deletions) == {"mgr-0"}, stalled_deletions
             status = api.get()["status"]
             assert status["rollout"]["state"] == "Stalled"
             assert status["rollout"]["pending"] == ["mgr-1", "mgr-2"]
@@ -399,6 +402,7 @@ def test_a_version_that_never_gets_ready_stops_the_rollout(
             api.patch_spec({"version": "20.0.1", "scheduling": None})  # merge patch: null removes
             wait_for(lambda: api.ready(3, "20.0.1"), 90, what="recovered after the revert")
             assert api.condition("Degraded")["status"] == "False"
-            assert log.deleted() == ["mgr-0", "mgr-0"]
+            # the revert replaced the broken mgr-0 once more, and still nothing else
+            assert log.deleted() == [*stalled_deletions, "mgr-0"]
         finally:
             log.stop()
