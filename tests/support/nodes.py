@@ -123,6 +123,15 @@ class NodeProcess:
         assert self.proc is not None
         self.proc.send_signal(sig)
 
+    def is_stopped(self) -> bool:
+        """True while the process is stopped (SIGSTOP, or a fault point stopped it)."""
+        assert self.proc is not None
+        try:
+            stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
+        except FileNotFoundError:
+            return False
+        return stat.rsplit(")", 1)[1].split()[0] in ("T", "t")
+
     def stop(self, timeout: float = 30) -> int:
         assert self.proc is not None
         if self.proc.poll() is None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from dsm_node import faults
 from dsm_node.cluster.status import NodeStatus, effective_status
 from dsm_node.db.queries import Q
 
@@ -93,7 +94,7 @@ class Membership:
         """Renews this node's lease; None means it was declared offline (or replaced).
         Returns the database's now(), clock and UTC offset for the clock check."""
         async with self.engine.begin() as conn:
-            return (
+            row = (
                 await conn.execute(
                     Q.heartbeat,
                     {
@@ -104,6 +105,8 @@ class Membership:
                     },
                 )
             ).first()
+            await faults.point("heartbeat")  # this node's row locked, not committed yet
+            return row
 
     async def set_alert(self, alert_type: str, node_id: int, message: str | None) -> None:
         """Raises (message) or clears (None) this node's open alert of a type."""

@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from dsm_node import faults
 from dsm_node.db.queries import Q
 from dsm_node.jobs import states
 from dsm_node.jobs.registry import REGISTRY, Payload, Registry
@@ -179,7 +180,9 @@ class JobPool:
             Q.complete_jobs,
             {"node_id": node_id, "ids": [i for i, _ in done], "attempts": [a for _, a in done]},
         )
-        return {int(r.id) for r in rows}
+        finished = {int(r.id) for r in rows}
+        await faults.point("completion")  # rows deleted, locks held, not committed yet
+        return finished
 
     async def fail(
         self,
