@@ -29,8 +29,10 @@ log = logging.getLogger("dsm.faults")
 _FILE = os.environ.get("DSM_TEST_FAULT_FILE") or None
 # Each waiting point, and the event that lets it go once the process has been stopped and resumed.
 _reached: dict[str, asyncio.Event] = {}
-# How long a point waits for its companions before giving up (it then carries on normally).
-MEET_TIMEOUT_SECONDS = 30.0
+# How long a point waits for its companions before carrying on normally (it waits again the next
+# time it is reached): short, so that the wait itself never holds a transaction open long enough
+# for the server to end it.
+MEET_TIMEOUT_SECONDS = 0.5
 
 
 def _armed() -> set[str]:

@@ -39,7 +39,8 @@ class ClaimedJob:
     id: int
     type: str
     payload: Payload
-    attempt: int
+    attempt: int  # the claim's number: with the owner, the fencing token (never repeats)
+    counted_attempt: int  # attempts counted against max_attempts (released claims are not)
     max_attempts: int
     timeout_seconds: float
     local: bool
@@ -159,6 +160,7 @@ class JobPool:
                     r.type,
                     r.payload,
                     int(r.attempt),
+                    int(r.counted_attempt),
                     int(r.max_attempts),
                     float(r.timeout_seconds),
                     r.target_node is not None,
@@ -193,12 +195,12 @@ class JobPool:
         rnd: random.Random | None = None,
     ) -> str | None:
         """Records a failed attempt: 'retrying' or 'failed', or None when the claim was lost."""
-        decision = states.after_failure(job.attempt, job.max_attempts, backoff, rnd)
+        decision = states.after_failure(job.counted_attempt, job.max_attempts, backoff, rnd)
         params: dict[str, Any] = {
             "id": job.id,
             "attempt": job.attempt,
             "node_id": node_id,
-            "error": error[:4000],
+            "error": storable_text(error)[:4000],
         }
         async with self.engine.begin() as conn:
             if decision.retry:
@@ -208,10 +210,20 @@ class JobPool:
             row = (await conn.execute(Q.fail_job, params)).first()
             return "failed" if row else None
 
-    async def release(self, node_id: int, ids: list[int], reason: str) -> int:
+    async def release(self, node_id: int, held: list[tuple[int, int]], reason: str) -> int:
+        """Returns running jobs, given as (id, attempt), to the pool without counting the attempt
+        (a release is not a failure); jobs this node no longer holds are left alone."""
+        if not held:
+            return 0
         async with self.engine.begin() as conn:
             rows = await conn.execute(
-                Q.release_jobs, {"node_id": node_id, "ids": ids, "reason": reason}
+                Q.release_jobs,
+                {
+                    "node_id": node_id,
+                    "ids": [i for i, _ in held],
+                    "attempts": [a for _, a in held],
+                    "reason": reason,
+                },
             )
             return len(rows.all())
 
@@ -261,6 +273,11 @@ class JobPool:
     async def queue_depth(self) -> list[tuple[str, str, int]]:
         async with self.engine.connect() as conn:
             return [(r.type, r.state, int(r.n)) for r in await conn.execute(Q.queue_depth)]
+
+
+def storable_text(s: str) -> str:
+    """PostgreSQL text cannot hold NUL (an error message may): a recording must not fail on it."""
+    return s.replace("\x00", "\\0").encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _iso(t: dt.datetime | None) -> str | None:

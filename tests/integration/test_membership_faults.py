@@ -1,0 +1,179 @@
+"""Membership under the worst-timed faults, with real node processes on a real PostgreSQL.
+
+A node that stops (SIGSTOP: a VM pause) or loses its database link without a reset while it is
+inside a transaction holding row locks must cost the cluster only that node: no peer may wait on
+its locks, fence itself or be declared offline, and the frozen node is declared offline on time.
+The node is frozen at the exact moment by its fault points (``dsm_node.faults``): after a
+completion deleted job rows and while its heartbeat holds its own row, both uncommitted.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.nodes import Cluster, NodeProcess, query, set_settings, wait_until
+from tests.support.tcpproxy import Proxy
+
+pytestmark = pytest.mark.integration
+
+# The issue's figures: heartbeat every second, offline after 6 s (fence point 4 s).
+THRESHOLD = 6.0
+INTERVAL = 1.0
+
+
+class Producer(threading.Thread):
+    """Submits small batches of jobs through the given nodes until stopped."""
+
+    def __init__(self, nodes: list[NodeProcess], job: dict[str, object], every: float) -> None:
+        super().__init__(daemon=True)
+        self.nodes, self.job, self.every = nodes, job, every
+        self.ids: list[int] = []
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        i = 0
+        while not self.halt.wait(self.every):
+            node = self.nodes[i % len(self.nodes)]
+            i += 1
+            try:
+                status, body = node.request("POST", "/api/jobs", {"jobs": [self.job] * 50})
+            except OSError:
+                continue
+            if status == 201:
+                self.ids += body["ids"]
+
+    def stop(self) -> list[int]:
+        self.halt.set()
+        self.join(30)
+        return self.ids
+
+
+def statuses(url: str) -> dict[str, tuple[str, int]]:
+    return {n: (s, int(e)) for n, s, e in query(url, "SELECT name, status, epoch FROM nodes")}
+
+
+def frozen_sessions(url: str, name: str) -> dict[str, set[str]]:
+    """The node's sessions idle inside a transaction, with the tables each holds locks on."""
+    rows = query(
+        url,
+        "SELECT a.application_name, c.relname FROM pg_stat_activity a "
+        "JOIN pg_locks l ON l.pid = a.pid JOIN pg_class c ON c.oid = l.relation "
+        "WHERE a.application_name LIKE %s AND a.state LIKE 'idle in transaction%%' "
+        "AND c.relkind = 'r'",
+        (f"dsm-node:{name}%",),
+    )
+    out: dict[str, set[str]] = {}
+    for app, rel in rows:
+        out.setdefault(app, set()).add(rel)
+    return out
+
+
+def declared_offline(logs: str) -> list[str]:
+    return re.findall(r"declared (\S+) offline", logs)
+
+
+@pytest.mark.parametrize("fault", ["sigstop", "blackhole"])
+def test_node_frozen_inside_a_transaction_costs_only_itself(
+    dsm_cluster: Cluster, tmp_path: Path, fault: str
+) -> None:
+    url = dsm_cluster.database_url
+    set_settings(url, heartbeat_interval_seconds=INTERVAL, offline_threshold_seconds=THRESHOLD)
+    fault_file = tmp_path / "fault-a"
+    port = int(re.search(r":(\d+)/", url).group(1))  # type: ignore[union-attr]
+    proxy = Proxy(port)
+    try:
+        a = dsm_cluster.start(
+            "a",
+            DSM_TEST_FAULT_FILE=str(fault_file),
+            database_url=url.replace(f":{port}/", f":{proxy.port}/"),
+        )
+        peers = [dsm_cluster.start(n) for n in ("b", "c", "d")]
+        producer = Producer([a, *peers], {"type": "noop"}, every=0.2)
+        producer.start()
+        wait_until(
+            lambda: query(url, "SELECT count(*) FROM job_history WHERE node_id = 1")[0][0] > 0,
+            30,
+            "a completes jobs",
+        )
+        # Freeze a at the worst moment: completed job rows deleted and its own row updated by
+        # its heartbeat, neither committed.
+        fault_file.write_text("completion heartbeat")
+        wait_until(a.is_stopped, 30, "a stops inside its transactions", a.log_tail)
+        held = frozen_sessions(url, "a")
+        assert "jobs" in held.pop("dsm-node:a", set()), held  # the job pool's completion
+        assert any("nodes" in tables for tables in held.values()), held  # its heartbeat
+        if fault == "blackhole":
+            proxy.cut()  # the link goes silent (no reset), then a runs on without it
+            a.signal(signal.SIGCONT)
+        before = statuses(url)
+
+        # a is declared offline while still frozen or cut off, in time; its work is taken over.
+        wait_until(
+            lambda: statuses(url)["a"][0] == "offline",
+            THRESHOLD * 4,
+            "a declared offline",
+            dsm_cluster.logs,
+        )
+        assert fault == "blackhole" or a.is_stopped()
+        silent, reason = query(
+            url,
+            "SELECT extract(epoch FROM status_changed_at - last_heartbeat), status_reason "
+            "FROM nodes WHERE name = 'a'",
+        )[0]
+        print(f"a declared offline after {float(silent):.2f} s of silence ({reason})")
+        # The bound is threshold + one interval (sweeps run every interval); one more interval
+        # of slack covers a sweep delayed by a loaded machine.
+        assert float(silent) <= THRESHOLD + 2 * INTERVAL, (silent, reason)
+        jobs_done = query(url, "SELECT count(*) FROM job_history")[0][0]
+        wait_until(
+            lambda: query(url, "SELECT count(*) FROM jobs WHERE owner_node = 1")[0][0] == 0,
+            THRESHOLD * 2,
+            "a's jobs back in the pool",
+            dsm_cluster.logs,
+        )
+        time.sleep(2 * INTERVAL)
+
+        # Release a (or its link) and watch the cluster settle for longer than a threshold.
+        if fault == "sigstop":
+            a.signal(signal.SIGCONT)
+        else:
+            proxy.restore()
+        wait_until(
+            lambda: statuses(url)["a"] == ("online", 2),
+            THRESHOLD * 4,
+            "a rejoins as a new incarnation",
+            a.log_tail,
+        )
+        time.sleep(THRESHOLD + 2 * INTERVAL)
+        ids = producer.stop()
+
+        after = statuses(url)
+        for p in peers:
+            assert before[p.name] == after[p.name] == ("online", 1), (before, after)
+            assert "stopped claiming jobs" not in p.log_text(), p.log_tail()
+        logs = "".join(n.log_text() for n in [a, *peers])
+        assert set(declared_offline(logs)) == {"a"}, declared_offline(logs)
+        assert query(url, "SELECT count(*) FROM job_history")[0][0] > jobs_done
+        wait_until(
+            lambda: query(url, "SELECT count(*) FROM jobs")[0][0] == 0,
+            60,
+            "every job done",
+            dsm_cluster.logs,
+        )
+        done = {
+            r[0]
+            for r in query(
+                url,
+                "SELECT id FROM job_history WHERE outcome = 'succeeded' AND id = ANY(%s)",
+                (ids,),
+            )
+        }
+        assert done == set(ids), f"{len(set(ids) - done)} jobs lost"
+    finally:
+        proxy.close()
