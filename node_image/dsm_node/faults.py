@@ -14,6 +14,9 @@ call otherwise). With it, a test writes point names into that file (for example
 ``completion heartbeat``); the next time every named point is reached at the same time, each
 waiting inside its open transaction, the node deletes the file and stops itself with SIGSTOP.
 The test observes the stop, checks the locks held (``pg_locks``), and sends SIGCONT when it likes.
+
+A name written as ``name=hang`` (for example ``sweep=hang``) instead makes that point wait, inside
+its transaction, for as long as the file says so: only that task is stuck, the process runs on.
 """
 
 from __future__ import annotations
@@ -49,6 +52,12 @@ async def point(name: str) -> None:
     if _FILE is None:
         return
     wanted = _armed()
+    if f"{name}=hang" in wanted:
+        log.warning("fault: %s hangs", name)
+        while f"{name}=hang" in _armed():
+            await asyncio.sleep(0.1)
+        log.warning("fault: %s goes on", name)
+        return
     if name not in wanted or name in _reached:
         return
     released = _reached[name] = asyncio.Event()

@@ -177,3 +177,79 @@ def test_node_frozen_inside_a_transaction_costs_only_itself(
         assert done == set(ids), f"{len(set(ids) - done)} jobs lost"
     finally:
         proxy.close()
+
+
+def test_settings_are_reread_on_their_own_and_a_bad_value_stops_nothing(
+    dsm_cluster: Cluster,
+) -> None:
+    """A stored threshold of 1e308 made every sweep fail ("timestamp out of range"), and settings
+    were re-read only after a successful sweep, so restoring the value did not help. Now the node
+    works with a clamped value, keeps heartbeating, and picks up the restored value by itself."""
+    url = dsm_cluster.database_url
+    set_settings(url, heartbeat_interval_seconds=0.5, offline_threshold_seconds=5)
+    a = dsm_cluster.start("a")
+    b = dsm_cluster.start("b")
+    set_settings(url, offline_threshold_seconds=1e308)
+    wait_until(lambda: "out of range" in a.log_text(), 30, "a notices the bad value", a.log_tail)
+    beats = query(url, "SELECT last_heartbeat FROM nodes WHERE name = 'a'")[0][0]
+    wait_until(
+        lambda: query(url, "SELECT last_heartbeat FROM nodes WHERE name = 'a'")[0][0] > beats,
+        10,
+        "a keeps heartbeating",
+    )
+    time.sleep(2)  # several intervals with the bad value in place
+    for n in (a, b):
+        assert "heartbeat failed" not in n.log_text(), n.log_tail()
+        assert "sweep failed" not in n.log_text(), n.log_tail()
+        assert n.log_text().count("out of range") == 1, "one warning, not one per refresh"
+    set_settings(url, offline_threshold_seconds=5)
+    b.kill()
+    wait_until(
+        lambda: statuses(url)["b"][0] == "offline",
+        30,
+        "a re-reads the restored threshold and declares b offline",
+        a.log_tail,
+    )
+
+
+def test_a_stuck_sweep_delays_neither_heartbeats_nor_settings(
+    dsm_cluster: Cluster, tmp_path: Path
+) -> None:
+    """a's sweep hangs inside its transaction (holding the rows it marked); a keeps heartbeating
+    and re-reading settings, and b keeps sweeping."""
+    url = dsm_cluster.database_url
+    set_settings(url, heartbeat_interval_seconds=0.5, offline_threshold_seconds=6)
+    fault_file = tmp_path / "fault-a"
+    a = dsm_cluster.start("a", DSM_TEST_FAULT_FILE=str(fault_file))
+    b = dsm_cluster.start("b")
+    c = dsm_cluster.start("c")
+    fault_file.write_text("sweep=hang")
+    wait_until(lambda: "sweep hangs" in a.log_text(), 30, "a's sweep hangs", a.log_tail)
+    set_settings(url, offline_threshold_seconds=7)
+    wait_until(
+        lambda: "offline threshold 7 s" in a.log_text(),
+        30,
+        "a re-reads the settings while its sweep is stuck",
+        a.log_tail,
+    )
+    c.kill()
+    wait_until(lambda: statuses(url)["c"][0] == "offline", 30, "b declares c offline", b.log_tail)
+    for _ in range(4):  # longer than the threshold with a's sweep stuck: a's heartbeat goes on
+        beat = query(url, "SELECT last_heartbeat FROM nodes WHERE name = 'a'")[0][0]
+        wait_until(
+            lambda beat=beat: (
+                query(url, "SELECT last_heartbeat FROM nodes WHERE name = 'a'")[0][0] > beat
+            ),
+            10,
+            "a heartbeats",
+            a.log_tail,
+        )
+        time.sleep(2)
+    assert "sweep waiting on the database" in a.log_text()
+    assert statuses(url)["a"] == ("online", 1)
+    for n in (a, b):
+        assert "stopped claiming jobs" not in n.log_text(), n.log_tail()
+        assert "heartbeat failed" not in n.log_text(), n.log_tail()
+    fault_file.unlink()
+    wait_until(lambda: "sweep goes on" in a.log_text(), 30, "a's sweep resumes", a.log_tail)
+    assert statuses(url)["a"] == ("online", 1)
