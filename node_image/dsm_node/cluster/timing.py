@@ -13,15 +13,16 @@ and I the heartbeat interval, counted from its last committed heartbeat:
     T     peers may declare it offline; the first sweep after that (within I) does, and returns
           its jobs to the pool
 
-A healthy node's heartbeat can only be held up by locks on its own row, which only a silent peer
-can hold for long (a sweep frozen after marking rows); the server frees them at T/3, leaving a
-third of the threshold for the next heartbeat before the node would fence itself at 2T/3.
-Membership statements never wait longer than one interval on a lock, so the next heartbeat is
-never late because of the last one; the sweep skips locked rows and returns to them next time.
-
-A node frozen while its completion holds job rows has them released at 2T/3 after it froze. Since
-its last committed heartbeat is at most about I older than that, its jobs return to the pool by
-T + I when I <= T/3 (the settings API requires a threshold well above the interval).
+What a silent node may hold that its peers need, and when they get it:
+- its own row (a heartbeat in flight): peers' sweeps skip it until the server ends that session
+  at T/3, long before they may declare the node offline at T;
+- rows of peers its own sweep was marking offline: those peers were silent past T already;
+- job rows its completion deleted: sweeps skip them; the server rolls the deletion back at 2T/3
+  after the node froze; since its last committed heartbeat is at most about I older than that,
+  the jobs return to the pool by T + I when I <= T/3 (the settings API requires a threshold well
+  above the interval), and one interval later otherwise.
+No membership statement waits on a lock for longer than min(I, T/6), so a heartbeat is never
+still waiting when the next one is due; the sweep skips locked rows and returns to them later.
 """
 
 from __future__ import annotations
@@ -82,10 +83,12 @@ class Timing:
     @property
     def keepalive(self) -> tuple[int, int, int]:
         """TCP keepalive (idle, interval, count) in whole seconds: a dead idle connection is
-        noticed after about a third of the threshold."""
+        noticed after about a third of the threshold (3 s at the least: keepalives count whole
+        seconds). Only idle connections depend on it, and an idle connection holds no locks; a
+        connection idle inside a transaction is ended by the idle-in-transaction timeout."""
         idle = max(1, round(self.offline_threshold / 6))
-        interval = max(1, round(self.offline_threshold / 18))
-        return idle, interval, 3
+        interval = max(1, round(self.offline_threshold / 12))
+        return idle, interval, 2
 
     @property
     def deadline_grace(self) -> float:
@@ -142,14 +145,11 @@ def effective(interval: float, threshold: float) -> tuple[Timing, list[str]]:
     """The timing a node works with for stored settings, clamped into bounds that keep the
     cluster working, with a readable line for each value it had to change."""
     problems: list[str] = []
-    i = _finite(interval, 10.0)
-    if not MIN_INTERVAL_SECONDS <= i <= MAX_INTERVAL_SECONDS:
-        i = min(max(i, MIN_INTERVAL_SECONDS), MAX_INTERVAL_SECONDS)
+    i = min(max(_finite(interval, 10.0), MIN_INTERVAL_SECONDS), MAX_INTERVAL_SECONDS)
+    if i != interval:
         problems.append(f"heartbeat interval {interval!r} s is out of range; using {i:g} s")
-    t = _finite(threshold, 180.0)
-    low = MIN_THRESHOLD_INTERVALS * i
-    if not low <= t <= MAX_THRESHOLD_SECONDS:
-        t = min(max(t, low), MAX_THRESHOLD_SECONDS)
+    t = min(max(_finite(threshold, 180.0), MIN_THRESHOLD_INTERVALS * i), MAX_THRESHOLD_SECONDS)
+    if t != threshold:
         problems.append(f"offline threshold {threshold!r} s is out of range; using {t:g} s")
     return Timing(i, t), problems
 
