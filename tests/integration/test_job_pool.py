@@ -215,3 +215,15 @@ async def test_run_at_in_the_future_is_scheduled(pool: JobPool) -> None:
     (job_id,) = (await pool.enqueue([NewJob("noop", {}, run_at=later)])).ids
     job = await pool.get(job_id)
     assert job is not None and job["state"] == "scheduled"
+
+
+async def test_a_batch_mixing_explicit_and_default_timeouts_is_stored(pool: JobPool) -> None:
+    """A type's default timeout may be an int (noop: 30) and a request's a float: one batch."""
+    result = await pool.enqueue(
+        [
+            NewJob("noop", {}),
+            NewJob("noop", {}, timeout_seconds=12.5, max_attempts=7),
+            NewJob("sleep", {"seconds": 1}),
+        ]
+    )
+    assert len(result.ids) == 3

@@ -99,10 +99,11 @@ class JobPool:
                 "run_ats": [j.run_at for j in jobs],
                 "delays": [float(j.delay_seconds) for j in jobs],
                 "max_attempts": [
-                    j.max_attempts or t.max_attempts for j, t in zip(jobs, types, strict=True)
+                    int(j.max_attempts or t.max_attempts) for j, t in zip(jobs, types, strict=True)
                 ],
+                # float(): a type's default may be an int; psycopg refuses a list of mixed types
                 "timeouts": [
-                    j.timeout_seconds or t.timeout for j, t in zip(jobs, types, strict=True)
+                    float(j.timeout_seconds or t.timeout) for j, t in zip(jobs, types, strict=True)
                 ],
                 "unique_keys": [j.unique_key for j in jobs],
             },
@@ -118,7 +119,7 @@ class JobPool:
                 "payload": json.dumps(j.payload),
                 "priority": j.priority if j.priority is not None else t.priority,
                 "max_attempts": j.max_attempts or t.max_attempts,
-                "timeout": j.timeout_seconds or t.timeout,
+                "timeout": float(j.timeout_seconds or t.timeout),
                 "unique_key": j.unique_key,
             },
         )
