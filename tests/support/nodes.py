@@ -80,6 +80,7 @@ class NodeProcess:
         body: Any = None,
         raw: bytes | None = None,
         headers: dict[str, str | None] | None = None,
+        timeout: float = 30,
     ) -> tuple[int, Any]:
         """Calls the node's API, authenticated with the bootstrap API key unless ``headers``
         override Authorization (None drops it)."""
@@ -95,7 +96,7 @@ class NodeProcess:
                 continue
             req.add_header(k, v)
         try:
-            with urllib.request.urlopen(req, context=ctx, timeout=30) as r:
+            with urllib.request.urlopen(req, context=ctx, timeout=timeout) as r:
                 return r.status, json.loads(r.read() or b"null")
         except urllib.error.HTTPError as e:
             text = e.read()
