@@ -124,19 +124,26 @@ def _apply_limits(engine: AsyncEngine, limits: SessionLimits) -> None:
         if record.info.get("limits_generation") == generation:
             return
         if server:
-            names = sorted(server)
-            sql = "SELECT " + ", ".join(
-                f"set_config(%s, %s, false) AS s{i}" for i in range(len(names))
-            )
-            cursor = dbapi_connection.cursor()
             try:
-                cursor.execute(sql, [x for k in names for x in (k, server[k])])
-            finally:
-                cursor.close()
-            # set_config outside a transaction block would be fine; inside the implicit one
-            # psycopg opened, commit so the pool hands out a clean connection.
-            dbapi_connection.commit()
+                _set_session(dbapi_connection, server)
+            except Exception as e:
+                if database_unavailable(e):  # a dead pooled connection: the pool replaces it
+                    raise sqlalchemy.exc.DisconnectionError(str(e)) from e
+                raise
         record.info["limits_generation"] = generation
+
+
+def _set_session(dbapi_connection: Any, server: dict[str, str]) -> None:
+    """Sets session settings on a pooled connection, in one round trip."""
+    names = sorted(server)
+    sql = "SELECT " + ", ".join(f"set_config(%s, %s, false) AS s{i}" for i in range(len(names)))
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(sql, [x for k in names for x in (k, server[k])])
+    finally:
+        cursor.close()
+    # psycopg opened a transaction for the statement: commit, or the settings would be undone
+    dbapi_connection.commit()
 
 
 # SQLSTATE classes of errors that say nothing about the statement itself: connection exceptions,
