@@ -363,9 +363,11 @@ class Node:
             # Never cancel a beat stuck on a dead connection (cancelling would itself wait on
             # that connection); keep checking the lease while it hangs.
             await asyncio.wait({beat}, timeout=t.heartbeat_interval)
+            pause = t.heartbeat_interval
             if beat.done():
                 if not beat.cancelled() and (e := beat.exception()) is not None:
                     log.warning("heartbeat failed: %s", _first_line(e) or type(e).__name__)
+                    pause = t.heartbeat_interval / 4  # the lease is running out: try again soon
             else:
                 log.warning(
                     "heartbeat waiting on the database for %.1f s", loop.time() - beat_started
@@ -381,7 +383,7 @@ class Node:
                 self.worker.abandon_running(
                     "database unreachable for most of the offline threshold; peers take over"
                 )
-            await self._pause(t.heartbeat_interval - (loop.time() - t0))
+            await self._pause(pause - (loop.time() - t0))
 
     async def _beat(self) -> None:
         """Renews this node's lease, and nothing else that could hold it up."""

@@ -15,8 +15,10 @@ import threading
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 
+from dsm_node.db import migrating
 from tests.support.nodes import Cluster, NodeProcess, query, set_settings, wait_until
 from tests.support.tcpproxy import Proxy
 
@@ -253,3 +255,35 @@ def test_a_stuck_sweep_delays_neither_heartbeats_nor_settings(
     fault_file.unlink()
     wait_until(lambda: "sweep goes on" in a.log_text(), 30, "a's sweep resumes", a.log_tail)
     assert statuses(url)["a"] == ("online", 1)
+
+
+def test_a_node_whose_join_took_long_is_not_declared_offline_on_arrival(
+    dsm_cluster: Cluster,
+) -> None:
+    """Joining is one transaction (under the schema lock, with key derivation): on a loaded
+    machine, or behind another node's migration, it can take longer than the threshold. The new
+    incarnation's first heartbeat is dated when it registers, not when its join began."""
+    url = dsm_cluster.database_url
+    set_settings(url, heartbeat_interval_seconds=0.5, offline_threshold_seconds=4)
+    a = dsm_cluster.start("a")
+    with psycopg.connect(url, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (migrating.SCHEMA_LOCK_ID,))
+        b = dsm_cluster.start("b", wait=False)
+        wait_until(
+            lambda: (
+                query(
+                    url,
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'dsm-node:b' "
+                    "AND wait_event_type = 'Lock'",
+                )[0][0]
+                > 0
+            ),
+            30,
+            "b waits for the schema lock",
+            b.log_tail,
+        )
+        time.sleep(6)  # longer than the threshold
+    b.wait_ready()
+    time.sleep(3)  # several of a's sweeps
+    assert statuses(url)["b"] == ("online", 1), b.log_tail()
+    assert "declared b offline" not in a.log_text()

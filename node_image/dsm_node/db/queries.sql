@@ -25,13 +25,18 @@ SELECT now() AS db_now, clock_timestamp() AS db_clock, current_setting('TimeZone
 -- name: register_node
 -- A new name gets a row; a known name gets a new incarnation (epoch + 1). Decommissioned names
 -- never come back: no row is returned and the node refuses to start.
+-- The first heartbeat is the statement's time, not the transaction's: registration ends a join
+-- transaction that may have taken seconds (key derivation, migrations), and a heartbeat dated
+-- from its start would have peers declare the new incarnation offline before its next one.
 INSERT INTO nodes AS n (name, address, api_port, version, status, started_at, last_heartbeat,
                         status_changed_at, status_reason)
-VALUES (:name, :address, :api_port, :version, 'online', now(), now(), now(), 'registered')
+VALUES (:name, :address, :api_port, :version, 'online', now(), clock_timestamp(), now(),
+        'registered')
 ON CONFLICT (name) DO UPDATE
     SET address = excluded.address, api_port = excluded.api_port, version = excluded.version,
-        status = 'online', epoch = n.epoch + 1, started_at = now(), last_heartbeat = now(),
-        status_changed_at = now(), status_reason = 'registered'
+        status = 'online', epoch = n.epoch + 1, started_at = now(),
+        last_heartbeat = clock_timestamp(), status_changed_at = now(),
+        status_reason = 'registered'
     WHERE n.status <> 'decommissioned'
 RETURNING id, epoch;
 
