@@ -42,9 +42,11 @@ up: deps
 	$(VENV)/bin/dsm up
 
 chaos: deps
+	rm -rf chaos-logs
 	DSM_CHAOS_FAULTS=$(CHAOS_FAULTS) DSM_CHAOS_SEED=$(CHAOS_SEED) DSM_CHAOS_REPORT=chaos-report.txt \
+		DSM_CHAOS_LOGS=chaos-logs \
 		$(VENV)/bin/pytest tests/integration/test_chaos.py -k every_kind -s -p no:cacheprovider
-	@echo "report: chaos-report.txt"
+	@echo "report: chaos-report.txt, node logs: chaos-logs/"
 
 bench: deps
 	@hack/bootstrap-python.sh "$(VENV)" "$(PYTHON)" bench

@@ -4,6 +4,8 @@ in ``make test``; ``make chaos`` runs the long form and prints the report.
     DSM_CHAOS_SEED     the seed (the schedule of faults and jobs follows from it)
     DSM_CHAOS_FAULTS   how many faults; 0 (default) runs every kind once
     DSM_CHAOS_REPORT   also write the report to this file
+    DSM_CHAOS_LOGS     keep the nodes' logs in this directory (default: the test's tmp_path,
+                       which pytest removes after a few runs)
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ def chaos_postgres() -> Iterator[EmbeddedPostgres]:
 
 
 def run(pg: EmbeddedPostgres, tmp_path: Path, config: Config) -> Report:
+    if logs := os.environ.get("DSM_CHAOS_LOGS"):
+        tmp_path = Path(logs).resolve()
+        tmp_path.mkdir(parents=True, exist_ok=True)
     chaos = Chaos(pg, "dsm", tmp_path, config)
     try:
         report = chaos.run()
@@ -48,6 +53,7 @@ def run(pg: EmbeddedPostgres, tmp_path: Path, config: Config) -> Report:
         chaos.close()
     text = report.text()
     print(text)
+    print(f"node logs: {tmp_path}")
     (tmp_path / "chaos-report.txt").write_text(text + "\n")
     if path := os.environ.get("DSM_CHAOS_REPORT"):
         Path(path).write_text(text + "\n")

@@ -20,8 +20,10 @@ one at a time, and the cluster settles between them, so that every effect can be
 What must hold, checked after the run: every transactional job's effect happened exactly once
 (``test_effects`` rows are written in the transaction that completes the job); no acknowledged job
 is lost or stuck; no job is a dead letter; no node other than a fault's target fences itself or is
-declared offline (unless PostgreSQL itself was away longer than the self-stop point); every node
-taken offline is declared so within the threshold and one interval of its last heartbeat.
+declared offline, unless PostgreSQL itself was away long enough to explain it (every node lost its
+database then: one that went without a heartbeat for two thirds of the threshold rightly fenced
+itself; such fences are counted apart); every node taken offline is declared so within the
+threshold and one interval of its last heartbeat.
 """
 
 from __future__ import annotations
@@ -149,6 +151,7 @@ class Report:
     dead_letters: int = 0
     outcomes: dict[str, int] = field(default_factory=dict)
     deadline_returns: int = 0
+    excused: list[str] = field(default_factory=list)  # fences explained by PostgreSQL outages
     violations: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -190,6 +193,9 @@ class Report:
             if r.note:
                 detail.append(r.note)
             lines.append(f"  #{f.index:<3} {f.kind:<21} {f.target:<8} " + "; ".join(detail))
+        if self.excused:
+            lines.append(f"explained by PostgreSQL outages: {len(self.excused)}")
+            lines += [f"  {e}" for e in self.excused]
         lines.append(
             "violations: " + ("none" if not self.violations else str(len(self.violations)))
         )
@@ -501,7 +507,7 @@ class Chaos:
 
     def check_bystanders(self, record: FaultRecord, epochs: dict[str, int]) -> None:
         """No node other than the target was declared offline (it would have a new epoch)."""
-        if self.excused_by_postgres(record):
+        if self.excused_by_postgres(record, declared=True):
             return
         for name, (_, epoch, _) in self.nodes_table().items():
             if name != record.fault.target and epochs.get(name, epoch) != epoch:
@@ -510,10 +516,15 @@ class Chaos:
                     f"(incarnation {epochs[name]} -> {epoch})"
                 )
 
-    def excused_by_postgres(self, record: FaultRecord) -> bool:
-        """A PostgreSQL outage longer than the self-stop point may fence every node, rightly."""
+    def excused_by_postgres(self, record: FaultRecord, declared: bool = False) -> bool:
+        """Whether a PostgreSQL outage explains a node going without a heartbeat long enough to
+        fence itself (or, ``declared``, to be declared offline): after the server is back, a node
+        needs up to two intervals (the beat in flight fails, the next one succeeds)."""
         cfg = self.config
-        return record.outage is not None and record.outage + cfg.interval + 0.5 > cfg.fence_after
+        if record.outage is None:
+            return False
+        limit = cfg.threshold if declared else cfg.fence_after
+        return record.outage + 2 * cfg.interval >= limit
 
     def verify(self) -> None:
         r, url = self.report, self.url
@@ -569,15 +580,16 @@ class Chaos:
             (r, r.started, r.ended + 2 * threshold) for r in self.report.faults
         ]  # effects of a fault may show a little after it ended
 
-        def explained(at: float, node: str, allowed: set[str]) -> bool:
-            return any(
-                start <= at <= end
-                and (
-                    (r.fault.target == node and r.fault.kind in allowed)
-                    or self.excused_by_postgres(r)
-                )
-                for r, start, end in windows
-            )
+        def explained(at: float, node: str, allowed: set[str], raw: str, declared: bool) -> bool:
+            for r, start, end in windows:
+                if not start <= at <= end:
+                    continue
+                if r.fault.target == node and r.fault.kind in allowed:
+                    return True
+                if self.excused_by_postgres(r, declared):
+                    self.report.excused.append(f"#{r.fault.index} {r.fault.kind}: {raw}")
+                    return True
+            return False
 
         line = re.compile(r"^(\S+)Z \w+\s+\S+ \S+: (.*)$")
         for proc in self.cluster.started:
@@ -588,11 +600,11 @@ class Chaos:
                 at = dt.datetime.fromisoformat(m.group(1)).replace(tzinfo=dt.UTC).timestamp()
                 message = m.group(2)
                 if message.startswith("stopped claiming jobs") and not explained(
-                    at, proc.name, MAY_FENCE_TARGET
+                    at, proc.name, MAY_FENCE_TARGET | TAKES_OFFLINE, raw, declared=False
                 ):
                     self.report.violations.append(f"{proc.name} fenced itself: {raw}")
                 if (d := re.match(r"declared (\S+) offline", message)) and not explained(
-                    at, d.group(1), TAKES_OFFLINE
+                    at, d.group(1), TAKES_OFFLINE, raw, declared=True
                 ):
                     self.report.violations.append(f"{d.group(1)} declared offline: {raw}")
                 if "past their deadline" in message:
