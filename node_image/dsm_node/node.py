@@ -504,7 +504,7 @@ class Node:
         self._job_limits.update(t.job_session(), t.client_tcp())
         self._membership_limits.update(t.membership_session(), t.client_tcp())
         if changed:
-            if self.phase != "starting":
+            if self.phase not in ("starting", "joining"):  # start() logs the first timing
                 log.info(
                     "cluster timing now: heartbeat %g s, offline threshold %g s",
                     t.heartbeat_interval,
