@@ -3,13 +3,18 @@ VENV        ?= .venv
 PYTHON      ?= python3
 export DSM_CACHE_DIR ?= $(HOME)/.cache/dsm
 
-.PHONY: help deps postgres k8s test test-fast lint up bench clean
+.PHONY: help deps postgres k8s test test-fast lint up bench chaos clean
+
+# make chaos: how many faults, and the seed that fixes their schedule
+CHAOS_FAULTS ?= 60
+CHAOS_SEED   ?= 20261201
 
 help:
 	@echo "make up      run a local 3-node cluster on an embedded PostgreSQL (Ctrl-C stops it)"
 	@echo "make test    install everything needed and run the whole test suite"
 	@echo "make lint    ruff and mypy"
 	@echo "make bench   job-pool throughput against pgqueuer and procrastinate"
+	@echo "make chaos   seeded fault injection, long form (CHAOS_FAULTS=60 CHAOS_SEED=...): prints a report"
 
 $(VENV)/.installed: pyproject.toml
 	@hack/bootstrap-python.sh "$(VENV)" "$(PYTHON)"
@@ -35,6 +40,13 @@ lint: $(VENV)/.installed
 
 up: deps
 	$(VENV)/bin/dsm up
+
+chaos: deps
+	rm -rf chaos-logs
+	DSM_CHAOS_FAULTS=$(CHAOS_FAULTS) DSM_CHAOS_SEED=$(CHAOS_SEED) DSM_CHAOS_REPORT=chaos-report.txt \
+		DSM_CHAOS_LOGS=chaos-logs \
+		$(VENV)/bin/pytest tests/integration/test_chaos.py -k every_kind -s -p no:cacheprovider
+	@echo "report: chaos-report.txt, node logs: chaos-logs/"
 
 bench: deps
 	@hack/bootstrap-python.sh "$(VENV)" "$(PYTHON)" bench

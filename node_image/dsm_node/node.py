@@ -6,6 +6,12 @@ key, migrations, registration in one transaction), then it starts claiming.
 
 Phases: starting -> joining -> online <-> fenced (database unreachable), and the terminal
 upgrade_required / decommissioned (alive, working on nothing), stopping -> stopped.
+
+Once online, independent loops run, so that none can hold up another: the heartbeat (on a
+connection of its own), the sweep (declares silent peers offline, returns their jobs and jobs past
+their deadline to the pool), the refresh (cluster settings, master keys, gauges), the claim loop and
+the outcome recorder, the periodic scheduler and the LISTEN connection. A heartbeat is never late
+because a sweep is stuck behind a frozen peer, and settings are re-read even while sweeps fail.
 """
 
 from __future__ import annotations
@@ -20,15 +26,16 @@ from typing import Any
 
 import psycopg
 import sqlalchemy.exc
+from psycopg.conninfo import make_conninfo
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from dsm_node import auth, crypto, keys, metrics, settings_store
 from dsm_node.caches import Caches
-from dsm_node.cluster import joining
+from dsm_node.cluster import joining, timing
 from dsm_node.cluster.membership import Decommissioned, Identity, Membership
-from dsm_node.cluster.status import fence_after
 from dsm_node.config import NodeConfig
-from dsm_node.db.engine import create_engine, libpq_url
+from dsm_node.db.engine import SessionLimits, create_engine, libpq_url
+from dsm_node.db.queries import Q
 from dsm_node.jobs import builtin  # noqa: F401  (registers the built-in job types)
 from dsm_node.jobs.pool import JobPool
 from dsm_node.jobs.worker import Worker, WorkerConfig
@@ -37,6 +44,8 @@ log = logging.getLogger("dsm.node")
 
 
 MAX_CLOCK_SKEW_SECONDS = 30.0
+# The cluster settings are re-read at least this often (and every heartbeat interval if shorter).
+SETTINGS_REFRESH_SECONDS = 5.0
 TIME_ALERT = "Manager Time Out of Sync"
 
 
@@ -54,11 +63,20 @@ class Node:
         self.caches = Caches()
         self.engine: AsyncEngine | None = None
         self.housekeeping_engine: AsyncEngine | None = None
+        self.heartbeat_engine: AsyncEngine | None = None
         self.pool: JobPool | None = None
         self.membership: Membership | None = None
         self.worker: Worker | None = None
         self._identity: Identity | None = None
         self._settings = settings_store.ClusterSettings()
+        self._timing, _ = timing.effective(
+            self._settings.heartbeat_interval_seconds, self._settings.offline_threshold_seconds
+        )
+        # Session settings of the job pool's and of membership's connections (cluster.timing).
+        self._job_limits = SessionLimits()
+        self._membership_limits = SessionLimits()
+        self._timing_changed = asyncio.Event()  # replaced after each change; wakes sleeping loops
+        self._settings_problems: set[str] = set()
         self._last_heartbeat_ok: float | None = None
         self._skew: float | None = None
         self._fenced = False
@@ -77,13 +95,19 @@ class Node:
         return self._identity
 
     async def settings(self) -> settings_store.ClusterSettings:
-        assert self.engine is not None
-        engine = self.engine
-        return await self.caches.get("settings", 5.0, lambda: settings_store.read(engine))
+        """The cluster settings this node works with (re-read on the refresh loop's schedule)."""
+        return self.cluster_settings
 
     @property
     def cluster_settings(self) -> settings_store.ClusterSettings:
-        return self._settings
+        """The stored settings, with the heartbeat interval and offline threshold this node
+        actually uses (stored values outside sane bounds are clamped; see cluster.timing)."""
+        return self._settings.model_copy(
+            update={
+                "heartbeat_interval_seconds": self._timing.heartbeat_interval,
+                "offline_threshold_seconds": self._timing.offline_threshold,
+            }
+        )
 
     def not_ready_reasons(self) -> list[str]:
         reasons = []
@@ -98,7 +122,7 @@ class Node:
         if self.phase == "stopping":
             reasons.append("shutting down")
         age = self.heartbeat_age()
-        if age is not None and age > 2 * self._settings.heartbeat_interval_seconds + 1:
+        if age is not None and age > 2 * self._timing.heartbeat_interval + 1:
             reasons.append(f"last successful heartbeat {age:.0f} s ago")
         return reasons
 
@@ -155,14 +179,39 @@ class Node:
                 "every node; it unlocks the cluster's master key)"
             )
         self.wrapper = crypto.LocalSecretWrapper(secret.encode())
+        # Until the stored settings are read, the seeds (or defaults) decide the session limits.
+        self._set_timing(
+            self._settings.model_copy(
+                update={
+                    k: v
+                    for k, v in (
+                        ("heartbeat_interval_seconds", cfg.heartbeat_interval_seconds),
+                        ("offline_threshold_seconds", cfg.offline_threshold_seconds),
+                    )
+                    if v
+                }
+            )
+        )
         self.engine = create_engine(
             cfg.database_url,
             pool_size=cfg.db_pool_size,
             application_name=f"dsm-node:{cfg.node_name}",
+            limits=self._job_limits,
         )
-        # Membership has connections of its own: a heartbeat must never queue behind busy jobs.
+        # Membership has connections of its own: a heartbeat must never queue behind busy jobs,
+        # and the heartbeat has one for itself: never queued behind a sweep or an API call.
         self.housekeeping_engine = create_engine(
-            cfg.database_url, pool_size=2, application_name=f"dsm-node:{cfg.node_name}:membership"
+            cfg.database_url,
+            pool_size=2,
+            application_name=f"dsm-node:{cfg.node_name}:membership",
+            limits=self._membership_limits,
+        )
+        self.heartbeat_engine = create_engine(
+            cfg.database_url,
+            pool_size=1,
+            max_overflow=0,
+            application_name=f"dsm-node:{cfg.node_name}:heartbeat",
+            limits=self._membership_limits,
         )
         seed: dict[str, float] = {}
         if cfg.offline_threshold_seconds:
@@ -200,16 +249,16 @@ class Node:
         assert joined.identity is not None
         self.keyring = joined.keyring
         self._identity = joined.identity
-        self._settings = await settings_store.read(self.engine)
+        self.membership = Membership(self.housekeeping_engine, self.heartbeat_engine)
+        await self._refresh_settings()
         log.info(
             "schema version %d, cluster version %s; heartbeat %g s, offline threshold %g s",
             joined.schema_version,
             joined.cluster_version,
-            self._settings.heartbeat_interval_seconds,
-            self._settings.offline_threshold_seconds,
+            self._timing.heartbeat_interval,
+            self._timing.offline_threshold,
         )
         self.pool = JobPool(self.engine)
-        self.membership = Membership(self.housekeeping_engine)
         self._last_heartbeat_ok = time.monotonic()
         metrics.NODE.labels(cfg.node_name, cfg.software_version).set(1)
         self.worker = Worker(
@@ -227,8 +276,10 @@ class Node:
         self.phase = "online"
         for coro in (
             self.worker.run(),
-            self.worker.complete_forever(),
+            self.worker.record_outcomes_forever(),
             self._heartbeat_loop(),
+            self._sweep_loop(),
+            self._refresh_loop(),
             self._schedule_loop(),
             self._listen_loop(),
         ):
@@ -259,10 +310,22 @@ class Node:
         log.info("stopping")
         if self.worker and self.pool and self.membership and self._identity:
             cut = await self.worker.drain(self.config.shutdown_grace_seconds)
-            with contextlib.suppress(Exception):
+            try:
                 if cut:
                     n = await self.pool.release(self._identity.node_id, cut, "released at shutdown")
                     log.info("released %d unfinished jobs back to the pool", n)
+            except Exception as e:
+                log.warning(
+                    "could not release %d unfinished jobs (%s); peers take them over",
+                    len(cut),
+                    _first_line(e),
+                )
+            if self.worker.unrecorded_outcomes:
+                log.warning(
+                    "%d job outcomes could not be recorded; their deadline returns the jobs to "
+                    "the pool",
+                    self.worker.unrecorded_outcomes,
+                )
             try:
                 await self.membership.leave(self._identity, "halted")
                 log.info("marked offline")
@@ -271,48 +334,59 @@ class Node:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for engine in (self.engine, self.housekeeping_engine):
+        for engine in (self.engine, self.housekeeping_engine, self.heartbeat_engine):
             if engine is not None:
                 await engine.dispose()
         self.phase = "stopped"
 
     # -- background loops -----------------------------------------------------------------
 
+    async def _pause(self, seconds: float) -> None:
+        """Sleeps, waking early when the cluster's timing changes (a shorter interval applies at
+        once, not after the longer one has passed)."""
+        changed = self._timing_changed
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, seconds)):
+                await changed.wait()
+
     async def _heartbeat_loop(self) -> None:
         assert self.membership is not None and self.worker is not None
+        loop = asyncio.get_running_loop()
         beat: asyncio.Task[None] | None = None
         beat_started = 0.0
         while True:
-            interval = self._settings.heartbeat_interval_seconds
-            threshold = self._settings.offline_threshold_seconds
-            t0 = time.monotonic()
+            t = self._timing
+            t0 = loop.time()
             if beat is None or beat.done():
-                beat = asyncio.create_task(self._beat(threshold))
+                beat = asyncio.create_task(self._beat())
                 beat_started = t0
             # Never cancel a beat stuck on a dead connection (cancelling would itself wait on
             # that connection); keep checking the lease while it hangs.
-            await asyncio.wait({beat}, timeout=interval)
+            await asyncio.wait({beat}, timeout=t.heartbeat_interval)
+            pause = t.heartbeat_interval
             if beat.done():
                 if not beat.cancelled() and (e := beat.exception()) is not None:
                     log.warning("heartbeat failed: %s", _first_line(e) or type(e).__name__)
+                    pause = t.heartbeat_interval / 4  # the lease is running out: try again soon
             else:
                 log.warning(
-                    "heartbeat waiting on the database for %.1f s", time.monotonic() - beat_started
+                    "heartbeat waiting on the database for %.1f s", loop.time() - beat_started
                 )
             age = self.heartbeat_age() or 0.0
             metrics.HEARTBEAT_AGE.set(age)
             if self.phase in ("upgrade_required", "decommissioned"):
                 pass  # already working on nothing
-            elif not self._fenced and age > fence_after(threshold):
+            elif not self._fenced and age > t.fence_after:
                 self._fenced = True
                 self.phase = "fenced"
                 self.worker.pause(f"no heartbeat for {age:.1f} s")
                 self.worker.abandon_running(
                     "database unreachable for most of the offline threshold; peers take over"
                 )
-            await asyncio.sleep(max(0.0, interval - (time.monotonic() - t0)))
+            await self._pause(pause - (loop.time() - t0))
 
-    async def _beat(self, threshold: float) -> None:
+    async def _beat(self) -> None:
+        """Renews this node's lease, and nothing else that could hold it up."""
         assert self.membership is not None and self.worker is not None and self.pool is not None
         if self.phase in ("upgrade_required", "decommissioned"):
             return
@@ -324,16 +398,53 @@ class Node:
             await self._lost_lease()
             return
         self._last_heartbeat_ok = sent
+        await self._release_abandoned()
         if self._fenced:
-            abandoned = self.worker.take_abandoned()
-            if abandoned:
-                await self.pool.release(self.identity.node_id, abandoned, "released after fencing")
             log.info("database reachable again; back online")
         self._fenced = False
         self.phase = "online"
         self.worker.resume()
         await self._check_clock(row, (local_before + local_after) / 2)
-        swept = await self.membership.sweep(threshold)
+
+    async def _release_abandoned(self) -> None:
+        """Jobs abandoned while fenced go back to the pool without spending an attempt (the
+        release is fenced: a job taken over meanwhile is not touched)."""
+        assert self.worker is not None and self.pool is not None
+        held = self.worker.take_abandoned()
+        if not held:
+            return
+        try:
+            n = await self.pool.release(self.identity.node_id, held, "released after fencing")
+        except Exception:
+            self.worker.keep_abandoned(held)
+            raise
+        log.info("released %d abandoned jobs back to the pool", n)
+
+    async def _sweep_loop(self) -> None:
+        """Sweeps once per interval; a sweep stuck on the database holds up only the next sweep."""
+        loop = asyncio.get_running_loop()
+        sweep: asyncio.Task[None] | None = None
+        sweep_started = 0.0
+        while True:
+            t = self._timing
+            t0 = loop.time()
+            if self.phase in ("online", "fenced"):
+                if sweep is None or sweep.done():
+                    sweep = asyncio.create_task(self._sweep(t))
+                    sweep_started = t0
+                await asyncio.wait({sweep}, timeout=t.heartbeat_interval)
+                if sweep.done():
+                    if not sweep.cancelled() and (e := sweep.exception()) is not None:
+                        log.warning("sweep failed: %s", _first_line(e) or type(e).__name__)
+                else:
+                    log.warning(
+                        "sweep waiting on the database for %.1f s", loop.time() - sweep_started
+                    )
+            await self._pause(t.heartbeat_interval - (loop.time() - t0))
+
+    async def _sweep(self, t: timing.Timing) -> None:
+        assert self.membership is not None
+        swept = await self.membership.sweep(t.offline_threshold, t.deadline_grace)
         for name, silent in swept.offline:
             metrics.TAKEOVERS.inc()
             log.warning("declared %s offline (no heartbeat for %.0f s)", name, silent)
@@ -343,10 +454,75 @@ class Node:
                 swept.requeued,
                 swept.discarded,
             )
-        self.caches.clear_entry("settings")
-        self._settings = await self.settings()
-        await self.reload_keyring()
-        await self._refresh_gauges(threshold)
+        if swept.expired:
+            log.warning(
+                "%d running jobs were past their deadline: %d back in the pool, %d out of "
+                "attempts (failed)",
+                swept.expired,
+                swept.expired - swept.dead,
+                swept.dead,
+            )
+
+    async def _refresh_loop(self) -> None:
+        """Re-reads the cluster settings, the master keys and the gauges on a schedule of their
+        own: a stuck or failing sweep does not stop them, nor does a bad stored value."""
+        failing: set[str] = set()
+        while True:
+            for name, step in (
+                ("settings", self._refresh_settings),
+                ("master keys", self.reload_keyring),
+                ("gauges", self._refresh_gauges),
+            ):
+                try:
+                    await step()
+                    failing.discard(name)
+                except Exception as e:
+                    if name not in failing:
+                        log.warning("could not refresh %s: %s", name, _first_line(e))
+                    failing.add(name)
+            await self._pause(min(SETTINGS_REFRESH_SECONDS, self._timing.heartbeat_interval))
+
+    async def _refresh_settings(self) -> None:
+        assert self.housekeeping_engine is not None
+        async with self.housekeeping_engine.connect() as conn:
+            stored = {r.key: r.value for r in await conn.execute(Q.get_settings)}
+        settings, problems = timing.reconcile_settings(
+            settings_store.ClusterSettings, stored, self._settings
+        )
+        self._report_settings_problems(problems)
+        self._set_timing(settings)
+
+    def _set_timing(self, settings: settings_store.ClusterSettings) -> None:
+        """Adopts settings: the effective timing, and the session limits that follow from it."""
+        t, problems = timing.effective(
+            settings.heartbeat_interval_seconds, settings.offline_threshold_seconds
+        )
+        self._report_settings_problems(problems, clamped=True)
+        self._settings = settings
+        changed = t != self._timing
+        self._timing = t
+        self._job_limits.update(t.job_session(), t.client_tcp())
+        self._membership_limits.update(t.membership_session(), t.client_tcp())
+        if changed:
+            if self.phase not in ("starting", "joining"):  # start() logs the first timing
+                log.info(
+                    "cluster timing now: heartbeat %g s, offline threshold %g s",
+                    t.heartbeat_interval,
+                    t.offline_threshold,
+                )
+            self._timing_changed.set()
+            self._timing_changed = asyncio.Event()
+
+    def _report_settings_problems(self, problems: list[str], clamped: bool = False) -> None:
+        """One warning per problem while it lasts (not one per refresh)."""
+        kind = "clamped" if clamped else "refused"
+        current = {f"{kind}:{p}" for p in problems}
+        for p in problems:
+            if f"{kind}:{p}" not in self._settings_problems:
+                log.warning("%s", p)
+        self._settings_problems = {
+            x for x in self._settings_problems if not x.startswith(f"{kind}:")
+        } | current
 
     async def _lost_lease(self) -> None:
         """The heartbeat found this incarnation no longer online: find out why, and act."""
@@ -413,13 +589,15 @@ class Node:
             del self.alerts[TIME_ALERT]
         metrics.TIME_OUT_OF_SYNC.set(1 if message else 0)
 
-    async def _refresh_gauges(self, threshold: float) -> None:
+    async def _refresh_gauges(self) -> None:
         assert self.pool is not None and self.membership is not None
+        depth = await self.pool.queue_depth()
+        peers = await self.membership.list_nodes(self._timing.offline_threshold)
         metrics.QUEUE_DEPTH.clear()
-        for jtype, state, n in await self.pool.queue_depth():
+        for jtype, state, n in depth:
             metrics.QUEUE_DEPTH.labels(jtype, state).set(n)
         metrics.NODE_STATUS.clear()
-        for peer in await self.membership.list_nodes(threshold):
+        for peer in peers:
             metrics.NODE_STATUS.labels(peer["name"], peer["status"]).set(1)
 
     async def _schedule_loop(self) -> None:
@@ -440,7 +618,9 @@ class Node:
         while True:
             try:
                 conn = await psycopg.AsyncConnection.connect(
-                    libpq_url(self.config.database_url), autocommit=True, connect_timeout=5
+                    make_conninfo(libpq_url(self.config.database_url), **self._timing.client_tcp()),
+                    autocommit=True,
+                    connect_timeout=5,
                 )
                 async with conn:
                     await conn.execute("LISTEN dsm_jobs")

@@ -19,10 +19,21 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.harness import JobProducer, Manager, OperatorProcess, node_request, query, wait_for
+from dsm_node.db import migrating
+from tests.e2e.harness import (
+    V2_MIGRATIONS,
+    JobProducer,
+    Manager,
+    OperatorProcess,
+    node_request,
+    query,
+    wait_for,
+)
 from tests.e2e.kubelet import KubeletEvent, MiniKubelet
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+# The schema version the test-only "next version" reaches.
+V2_SCHEMA = migrating.load_migrations([V2_MIGRATIONS])[-1].version
 
 UPGRADE_REQUIRED = "Offline (Upgrade Required)"
 
@@ -163,11 +174,13 @@ def test_upgrade_takes_over_one_node_at_a_time_and_loses_no_job(
         producer.stop()
         observer.stop()
 
-    # The first replaced node migrated the schema (the test-only migration 0003) and took over.
-    assert query(url, "SELECT schema_version, software_version FROM dsm_schema") == [(3, "0.2.0")]
+    # The first replaced node migrated the schema (the test-only migration) and took over.
+    assert query(url, "SELECT schema_version, software_version FROM dsm_schema") == [
+        (V2_SCHEMA, "0.2.0")
+    ]
     assert query(url, "SELECT to_regclass('test_agent_groups') IS NOT NULL") == [(True,)]
     logs = kubelet.logs(manager.namespace, lines=10_000)
-    assert logs.count("schema migrated to version 3") == 1, "exactly one node migrated"
+    assert logs.count(f"schema migrated to version {V2_SCHEMA}") == 1, "exactly one node migrated"
     assert "took over the cluster at version 0.2.0" in logs
     # While it happened, the old nodes were Offline (Upgrade Required): in the database, through
     # the upgraded node's API and in the resource's status.
@@ -338,7 +351,7 @@ def test_an_operator_restarted_mid_upgrade_resumes_it(
     events = [e for e in kubelet.events_of(manager.namespace) if e.at >= started]
     assert [e.pod for e in events if e.kind == "terminating"] == ["mgr-0", "mgr-1", "mgr-2"]
     assert concurrent_starts(kubelet.events_of(manager.namespace)) == []
-    assert query(manager.database_url, "SELECT schema_version FROM dsm_schema") == [(3,)]
+    assert query(manager.database_url, "SELECT schema_version FROM dsm_schema") == [(V2_SCHEMA,)]
     assert kubelet.errors == []
 
 

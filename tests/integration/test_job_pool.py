@@ -88,7 +88,7 @@ async def test_completion_is_fenced_by_owner_and_attempt(
             text("UPDATE nodes SET last_heartbeat = now() - interval '1 hour' WHERE id = :id"),
             {"id": a.node_id},
         )
-    swept = await Membership(engine).sweep(threshold_seconds=180)
+    swept = await Membership(engine).sweep(threshold_seconds=180, deadline_grace_seconds=60)
     assert swept.offline[0][0] == "a" and swept.requeued == 1
     (second,) = await pool.claim(b.node_id, b.epoch, 1)
     assert second.id == job_id and second.attempt == first.attempt + 1
@@ -156,7 +156,7 @@ async def test_local_jobs_fan_out_to_online_nodes_only(pool: JobPool, engine: As
             text("UPDATE nodes SET last_heartbeat = now() - interval '1 hour' WHERE id = :id"),
             {"id": b.node_id},
         )
-    swept = await Membership(engine).sweep(threshold_seconds=180)
+    swept = await Membership(engine).sweep(threshold_seconds=180, deadline_grace_seconds=60)
     assert swept.discarded == 1
     outcomes = await scalar(engine, "SELECT string_agg(outcome, ',') FROM job_history")
     assert outcomes == "discarded"
@@ -215,3 +215,15 @@ async def test_run_at_in_the_future_is_scheduled(pool: JobPool) -> None:
     (job_id,) = (await pool.enqueue([NewJob("noop", {}, run_at=later)])).ids
     job = await pool.get(job_id)
     assert job is not None and job["state"] == "scheduled"
+
+
+async def test_a_batch_mixing_explicit_and_default_timeouts_is_stored(pool: JobPool) -> None:
+    """A type's default timeout may be an int (noop: 30) and a request's a float: one batch."""
+    result = await pool.enqueue(
+        [
+            NewJob("noop", {}),
+            NewJob("noop", {}, timeout_seconds=12.5, max_attempts=7),
+            NewJob("sleep", {"seconds": 1}),
+        ]
+    )
+    assert len(result.ids) == 3

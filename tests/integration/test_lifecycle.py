@@ -12,12 +12,15 @@ from typing import Any
 
 import pytest
 
+from dsm_node.db import migrating
 from tests.support.jobtypes import CREATE_EFFECTS
 from tests.support.nodes import API_KEY, Cluster, NodeProcess, query, set_settings, wait_until
 
 pytestmark = pytest.mark.integration
 
 V2_MIGRATIONS = str(Path(__file__).parents[1] / "support" / "migrations_v2")
+# The schema version the test-only "next version" reaches.
+V2_SCHEMA = migrating.load_migrations([Path(V2_MIGRATIONS)])[-1].version
 V2 = {"DSM_SOFTWARE_VERSION": "0.2.0", "DSM_EXTRA_MIGRATIONS_DIR": V2_MIGRATIONS}
 ADMIN_PASSWORD = "correct horse battery staple"
 
@@ -91,7 +94,9 @@ def test_upgrade_takes_over_and_loses_no_job(dsm_cluster: Cluster) -> None:
     assert a.stop() == 0
     a = dsm_cluster.start("a", **V2)
     producer.nodes = [a, b, c]
-    assert query(url, "SELECT schema_version, software_version FROM dsm_schema") == [(3, "0.2.0")]
+    assert query(url, "SELECT schema_version, software_version FROM dsm_schema") == [
+        (V2_SCHEMA, "0.2.0")
+    ]
     assert statuses(a) == {
         "a": "Online",
         "b": "Offline (Upgrade Required)",
@@ -355,7 +360,8 @@ def test_paused_old_node_learns_it_needs_an_upgrade(dsm_cluster: Cluster) -> Non
 def test_a_migrating_node_stays_healthy_but_not_ready(dsm_cluster: Cluster, tmp_path: Path) -> None:
     url = dsm_cluster.database_url
     prepare(url)
-    (tmp_path / "0003_slow.sql").write_text(
+    latest = migrating.load_migrations()[-1].version
+    (tmp_path / f"{latest + 1:04d}_slow.sql").write_text(
         "SELECT pg_sleep(4);\nCREATE TABLE slow_done (x int);\n"
     )
     node = dsm_cluster.start(
@@ -376,4 +382,4 @@ def test_a_migrating_node_stays_healthy_but_not_ready(dsm_cluster: Cluster, tmp_
         time.sleep(0.2)
     assert (200, "joining") in seen, seen  # probes see a healthy node during the migration
     assert all(status == 200 for status, _ in seen)
-    assert query(url, "SELECT schema_version FROM dsm_schema") == [(3,)]
+    assert query(url, "SELECT schema_version FROM dsm_schema") == [(latest + 1,)]

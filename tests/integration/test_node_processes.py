@@ -16,8 +16,8 @@ import time
 import pytest
 
 from dsm_node.db import migrating
-from tests.support.jobtypes import CREATE_EFFECTS
-from tests.support.nodes import Cluster, query, set_settings, wait_until
+from tests.support.effects import effects_per_job, node_status, pending, prepare, submit
+from tests.support.nodes import Cluster, query, wait_until
 from tests.support.tcpproxy import Proxy
 
 pytestmark = pytest.mark.integration
@@ -26,29 +26,7 @@ THRESHOLD = 5.0
 
 
 def fast_settings(url: str, threshold: float = THRESHOLD) -> None:
-    query(url, CREATE_EFFECTS)
-    set_settings(url, heartbeat_interval_seconds=0.5, offline_threshold_seconds=threshold)
-
-
-def effects_per_job(url: str) -> dict[int, list[str]]:
-    out: dict[int, list[str]] = {}
-    for job_id, node in query(url, "SELECT job_id, node FROM test_effects ORDER BY at"):
-        out.setdefault(job_id, []).append(node)
-    return out
-
-
-def pending(url: str) -> int:
-    return int(query(url, "SELECT count(*) FROM jobs WHERE type = 'record_effect'")[0][0])
-
-
-def submit(node, jobs: list[dict]) -> list[int]:  # type: ignore[no-untyped-def]
-    status, body = node.request("POST", "/api/jobs", {"jobs": jobs})
-    assert status == 201, body
-    return list(body["ids"])
-
-
-def node_status(url: str, name: str) -> str:
-    return str(query(url, "SELECT status FROM nodes WHERE name = %s", (name,))[0][0])
+    prepare(url, threshold)
 
 
 def test_three_nodes_run_5000_jobs_each_effect_exactly_once(dsm_cluster: Cluster) -> None:
@@ -221,7 +199,7 @@ def test_sigterm_releases_jobs_and_shows_offline_at_once(dsm_cluster: Cluster) -
     fast_settings(url, threshold=60)  # far longer than the test: no takeover can explain it
     a = dsm_cluster.start("a", DSM_SHUTDOWN_GRACE_SECONDS="1")
     (job_id,) = submit(
-        a, [{"type": "record_effect", "payload": {"sleep_before": 600, "slow_attempts": 1}}]
+        a, [{"type": "record_effect", "payload": {"sleep_before": 600, "slow_nodes": ["a"]}}]
     )
     wait_until(lambda: query(url, "SELECT state FROM jobs")[0][0] == "running", 30, "running")
     assert a.stop() == 0
@@ -229,4 +207,36 @@ def test_sigterm_releases_jobs_and_shows_offline_at_once(dsm_cluster: Cluster) -
     assert query(url, "SELECT state, owner_node FROM jobs") == [("ready", None)]
     b = dsm_cluster.start("b")
     wait_until(lambda: pending(url) == 0, 30, "b runs the released job", b.log_tail)
+    assert effects_per_job(url) == {job_id: ["b"]}
+
+
+def test_restarts_do_not_spend_a_jobs_attempts(dsm_cluster: Cluster, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A job released at a graceful shutdown was not a failure: restarts never dead-letter it.
+    Here a job allowed two attempts is released by three restarts, then fails once for real, and
+    still has its second attempt."""
+    url = dsm_cluster.database_url
+    fast_settings(url, threshold=60)  # no takeover during the test: only releases
+    marker = tmp_path / "failed-once"
+    job = {
+        "type": "record_effect",
+        "maxAttempts": 2,
+        "payload": {"sleep_before": 600, "slow_nodes": ["a"], "fail_marker": str(marker)},
+    }
+    a = dsm_cluster.start("a", DSM_SHUTDOWN_GRACE_SECONDS="0.5")
+    (job_id,) = submit(a, [job])
+    for restart in range(3):
+        wait_until(
+            lambda: query(url, "SELECT state FROM jobs")[0][0] == "running", 30, "a runs the job"
+        )
+        assert a.stop() == 0
+        assert query(url, "SELECT state FROM jobs") == [("ready",)]
+        if restart < 2:
+            a = dsm_cluster.start("a", DSM_SHUTDOWN_GRACE_SECONDS="0.5")
+    dsm_cluster.start("b")
+    wait_until(lambda: pending(url) == 0, 60, "b runs the job to its end", dsm_cluster.logs)
+    assert marker.exists(), "the job's first real run failed on purpose"
+    outcome, attempt, error = query(
+        url, "SELECT outcome, attempt, error FROM job_history WHERE id = %s", (job_id,)
+    )[0]
+    assert (outcome, attempt) == ("succeeded", 2), (outcome, attempt, error)
     assert effects_per_job(url) == {job_id: ["b"]}

@@ -80,6 +80,7 @@ class NodeProcess:
         body: Any = None,
         raw: bytes | None = None,
         headers: dict[str, str | None] | None = None,
+        timeout: float = 30,
     ) -> tuple[int, Any]:
         """Calls the node's API, authenticated with the bootstrap API key unless ``headers``
         override Authorization (None drops it)."""
@@ -95,7 +96,7 @@ class NodeProcess:
                 continue
             req.add_header(k, v)
         try:
-            with urllib.request.urlopen(req, context=ctx, timeout=30) as r:
+            with urllib.request.urlopen(req, context=ctx, timeout=timeout) as r:
                 return r.status, json.loads(r.read() or b"null")
         except urllib.error.HTTPError as e:
             text = e.read()
@@ -122,6 +123,15 @@ class NodeProcess:
     def signal(self, sig: signal.Signals) -> None:
         assert self.proc is not None
         self.proc.send_signal(sig)
+
+    def is_stopped(self) -> bool:
+        """True while the process is stopped (SIGSTOP, or a fault point stopped it)."""
+        assert self.proc is not None
+        try:
+            stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
+        except FileNotFoundError:
+            return False
+        return stat.rsplit(")", 1)[1].split()[0] in ("T", "t")
 
     def stop(self, timeout: float = 30) -> int:
         assert self.proc is not None

@@ -1,8 +1,13 @@
 """Cluster membership against the shared database: register, heartbeat, sweep, leave.
 
-Every node runs the sweep on every heartbeat: any node may declare a silent peer offline and put its
-work back in the pool. Concurrent sweeps are harmless (row locks serialize them; the second finds
-nothing to do). Liveness is judged by the database's clock alone.
+Every node sweeps once per heartbeat interval: any node may declare a silent peer offline and put
+its work back in the pool. Concurrent sweeps are harmless (each takes rows FOR UPDATE SKIP LOCKED;
+the second finds nothing to do). Liveness is judged by the database's clock alone.
+
+The heartbeat and the sweep are independent: the heartbeat has a connection of its own and is never
+queued behind a sweep, and no membership statement waits on a row another node has locked (that
+node may be frozen inside its transaction): sweeps skip locked rows and return to them next time,
+and every statement's lock wait is bounded (``cluster.timing``).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from dsm_node import faults
 from dsm_node.cluster.status import NodeStatus, effective_status
 from dsm_node.db.queries import Q
 
@@ -35,11 +41,15 @@ class SweepResult:
     offline: list[tuple[str, float]]
     requeued: int
     discarded: int
+    expired: int = 0  # running jobs past their deadline, returned to the pool
+    dead: int = 0  # of those, out of attempts: failed
 
 
 class Membership:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, heartbeat_engine: AsyncEngine | None = None) -> None:
         self.engine = engine
+        # The heartbeat's own connection: never queued behind a sweep or an API call.
+        self.heartbeat_engine = heartbeat_engine or engine
 
     async def register(self, name: str, address: str, api_port: int, version: str) -> Identity:
         """Registers this node (a new incarnation for a known name) in one transaction."""
@@ -92,8 +102,8 @@ class Membership:
     ) -> Any:
         """Renews this node's lease; None means it was declared offline (or replaced).
         Returns the database's now(), clock and UTC offset for the clock check."""
-        async with self.engine.begin() as conn:
-            return (
+        async with self.heartbeat_engine.begin() as conn:
+            row = (
                 await conn.execute(
                     Q.heartbeat,
                     {
@@ -104,6 +114,8 @@ class Membership:
                     },
                 )
             ).first()
+            await faults.point("heartbeat")  # this node's row locked, not committed yet
+            return row
 
     async def set_alert(self, alert_type: str, node_id: int, message: str | None) -> None:
         """Raises (message) or clears (None) this node's open alert of a type."""
@@ -136,26 +148,33 @@ class Membership:
             await conn.execute(Q.requeue_orphaned_jobs)
             return int(row.id)
 
-    async def sweep(self, threshold_seconds: float) -> SweepResult:
-        """Declares silent peers offline, discards their local jobs, requeues orphaned jobs."""
+    async def sweep(self, threshold_seconds: float, deadline_grace_seconds: float) -> SweepResult:
+        """Declares silent peers offline, discards local jobs of nodes no longer online, returns
+        orphaned jobs and jobs past their deadline to the pool.
+
+        Each step is its own short transaction and converges by itself: a row skipped because a
+        frozen transaction holds it is found again by the next sweep."""
         async with self.engine.begin() as conn:
             gone = (
                 await conn.execute(Q.mark_silent_nodes_offline, {"threshold": threshold_seconds})
             ).all()
-            discarded = 0
-            if gone:
-                discarded = len(
-                    (
-                        await conn.execute(
-                            Q.discard_local_jobs_of_nodes,
-                            {"node_ids": [int(r.id) for r in gone], "reason": "node went offline"},
-                        )
-                    ).all()
-                )
+            await faults.point("sweep")  # peers' rows locked, not committed yet
+        async with self.engine.begin() as conn:
+            discarded = len((await conn.execute(Q.discard_orphaned_local_jobs)).all())
+        async with self.engine.begin() as conn:
             requeued = len((await conn.execute(Q.requeue_orphaned_jobs)).all())
-            if requeued:
+            expired = (
+                await conn.execute(Q.expire_overdue_jobs, {"grace": deadline_grace_seconds})
+            ).one()
+            if requeued or expired.retried:
                 await conn.execute(Q.notify_jobs)
-        return SweepResult([(r.name, float(r.silent_seconds)) for r in gone], requeued, discarded)
+        return SweepResult(
+            [(r.name, float(r.silent_seconds)) for r in gone],
+            requeued,
+            discarded,
+            int(expired.retried) + int(expired.failed),
+            int(expired.failed),
+        )
 
     async def leave(self, me: Identity, reason: str) -> None:
         """Marks this node offline at once (a halted node shows Offline); drops its local jobs."""

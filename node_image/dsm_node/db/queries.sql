@@ -1,6 +1,9 @@
 -- Every statement the node runs, by name. Loaded by dsm_node.db.queries; reviewed as SQL.
 -- Conventions: :name binds; CAST(...) instead of '::' (the binder owns the colon);
 -- now() is the only clock for liveness and scheduling; clock_timestamp() stamps finishes.
+-- Membership and takeover statements never wait on a row another node has locked: that node may
+-- be frozen inside its transaction. They take rows FOR UPDATE SKIP LOCKED and leave the rest to
+-- the next sweep, which finds them again (every sweep statement converges, whatever was skipped).
 
 -- name: schema_version
 SELECT schema_version, software_version FROM dsm_schema;
@@ -22,13 +25,18 @@ SELECT now() AS db_now, clock_timestamp() AS db_clock, current_setting('TimeZone
 -- name: register_node
 -- A new name gets a row; a known name gets a new incarnation (epoch + 1). Decommissioned names
 -- never come back: no row is returned and the node refuses to start.
+-- The first heartbeat is the statement's time, not the transaction's: registration ends a join
+-- transaction that may have taken seconds (key derivation, migrations), and a heartbeat dated
+-- from its start would have peers declare the new incarnation offline before its next one.
 INSERT INTO nodes AS n (name, address, api_port, version, status, started_at, last_heartbeat,
                         status_changed_at, status_reason)
-VALUES (:name, :address, :api_port, :version, 'online', now(), now(), now(), 'registered')
+VALUES (:name, :address, :api_port, :version, 'online', now(), clock_timestamp(), now(),
+        'registered')
 ON CONFLICT (name) DO UPDATE
     SET address = excluded.address, api_port = excluded.api_port, version = excluded.version,
-        status = 'online', epoch = n.epoch + 1, started_at = now(), last_heartbeat = now(),
-        status_changed_at = now(), status_reason = 'registered'
+        status = 'online', epoch = n.epoch + 1, started_at = now(),
+        last_heartbeat = clock_timestamp(), status_changed_at = now(),
+        status_reason = 'registered'
     WHERE n.status <> 'decommissioned'
 RETURNING id, epoch;
 
@@ -43,21 +51,54 @@ SELECT id, status FROM nodes WHERE name = :name;
 
 -- name: requeue_jobs_of_node
 -- Jobs held by an earlier incarnation of a node go back to the pool (their attempt is spent,
--- so the earlier incarnation can no longer complete them).
-UPDATE jobs SET state = 'ready', owner_node = NULL, claimed_at = NULL, deadline = NULL,
-                run_at = now(), last_error = :reason
-WHERE owner_node = :node_id AND state = 'running' AND target_node IS NULL
-RETURNING id;
+-- so the earlier incarnation can no longer complete them). Rows still locked by that
+-- incarnation (frozen mid-commit) are left to the sweep's requeue_orphaned_jobs.
+UPDATE jobs j SET state = 'ready', owner_node = NULL, owner_epoch = NULL, claimed_at = NULL,
+                  deadline = NULL, run_at = now(), last_error = :reason
+FROM (
+    SELECT id FROM jobs
+    WHERE owner_node = :node_id AND state = 'running' AND target_node IS NULL
+    FOR UPDATE SKIP LOCKED
+) held
+WHERE j.id = held.id
+RETURNING j.id;
 
 -- name: discard_local_jobs_of_nodes
 -- Local jobs are pinned to their node: when it leaves, they are discarded, never taken over.
+-- Rows locked by a frozen transaction are left to discard_orphaned_local_jobs.
 WITH gone AS (
-    DELETE FROM jobs WHERE target_node = ANY(CAST(:node_ids AS int[])) RETURNING *
+    DELETE FROM jobs j
+    USING (
+        SELECT id FROM jobs WHERE target_node = ANY(CAST(:node_ids AS int[]))
+        FOR UPDATE SKIP LOCKED
+    ) pinned
+    WHERE j.id = pinned.id
+    RETURNING j.*
 )
 INSERT INTO job_history (id, type, payload, outcome, node_id, attempt, priority, target_node,
                          created_at, claimed_at, finished_at, error)
-SELECT id, type, payload, 'discarded', owner_node, attempt, priority, target_node,
-       created_at, claimed_at, clock_timestamp(), :reason
+SELECT id, type, payload, 'discarded', owner_node, attempt - released_claims, priority,
+       target_node, created_at, claimed_at, clock_timestamp(), :reason
+FROM gone
+RETURNING id;
+
+-- name: discard_orphaned_local_jobs
+-- The sweep's catch-all for local jobs: pinned to a node that is no longer online.
+WITH gone AS (
+    DELETE FROM jobs j
+    USING (
+        SELECT x.id FROM jobs x
+        WHERE x.target_node IS NOT NULL
+          AND NOT EXISTS (SELECT 1 FROM nodes n WHERE n.id = x.target_node AND n.status = 'online')
+        FOR UPDATE SKIP LOCKED
+    ) pinned
+    WHERE j.id = pinned.id
+    RETURNING j.*
+)
+INSERT INTO job_history (id, type, payload, outcome, node_id, attempt, priority, target_node,
+                         created_at, claimed_at, finished_at, error)
+SELECT id, type, payload, 'discarded', owner_node, attempt - released_claims, priority,
+       target_node, created_at, claimed_at, clock_timestamp(), 'its node went offline'
 FROM gone
 RETURNING id;
 
@@ -69,18 +110,66 @@ RETURNING now() AS db_now, clock_timestamp() AS db_clock,
           extract(timezone FROM now()) AS db_utc_offset, current_setting('TimeZone') AS db_tz;
 
 -- name: mark_silent_nodes_offline
-UPDATE nodes SET status = 'offline', status_changed_at = now(),
-                 status_reason = 'no heartbeat for ' || round(extract(epoch FROM now() - last_heartbeat)) || ' s'
-WHERE status = 'online' AND last_heartbeat < now() - make_interval(secs => :threshold)
-RETURNING id, name, extract(epoch FROM now() - last_heartbeat) AS silent_seconds;
+-- A silent node's row may be locked by its own frozen heartbeat: skipped until the server ends
+-- that session (idle_in_transaction_session_timeout, a third of the threshold).
+UPDATE nodes n SET status = 'offline', status_changed_at = now(),
+                   status_reason = 'no heartbeat for '
+                                   || round(extract(epoch FROM now() - n.last_heartbeat)) || ' s'
+FROM (
+    SELECT id FROM nodes
+    WHERE status = 'online' AND last_heartbeat < now() - make_interval(secs => :threshold)
+    FOR UPDATE SKIP LOCKED
+) silent
+WHERE n.id = silent.id
+RETURNING n.id, n.name, extract(epoch FROM now() - n.last_heartbeat) AS silent_seconds;
 
 -- name: requeue_orphaned_jobs
--- Running jobs whose owner is not online go back to the pool: the takeover.
-UPDATE jobs j SET state = 'ready', owner_node = NULL, claimed_at = NULL, deadline = NULL,
-                  run_at = now(), last_error = 'taken over: node ' || j.owner_node || ' went offline'
-WHERE j.state = 'running' AND j.target_node IS NULL
-  AND NOT EXISTS (SELECT 1 FROM nodes n WHERE n.id = j.owner_node AND n.status = 'online')
+-- Running jobs whose owner incarnation is not online go back to the pool: the takeover. Rows a
+-- frozen owner still has locked are taken at a later sweep, once the server ended its session.
+UPDATE jobs j SET state = 'ready', owner_node = NULL, owner_epoch = NULL, claimed_at = NULL,
+                  deadline = NULL, run_at = now(),
+                  last_error = 'taken over: node ' || j.owner_node || ' went offline'
+FROM (
+    SELECT x.id FROM jobs x
+    WHERE x.state = 'running' AND x.target_node IS NULL
+      AND NOT EXISTS (
+          SELECT 1 FROM nodes n
+          WHERE n.id = x.owner_node AND n.status = 'online'
+            AND (x.owner_epoch IS NULL OR n.epoch = x.owner_epoch)
+      )
+    FOR UPDATE SKIP LOCKED
+) orphan
+WHERE j.id = orphan.id
 RETURNING j.id;
+
+-- name: expire_overdue_jobs
+-- A running job past its deadline (plus a grace) returns to the pool whoever owns it: its owner
+-- may have lost track of it (an outcome it could not record). The attempt counts as a failure:
+-- retried while attempts remain, else a dead letter. The owner's late outcome is fenced out.
+WITH overdue AS (
+    SELECT id, attempt - released_claims >= max_attempts AS exhausted FROM jobs
+    WHERE state = 'running' AND deadline < now() - make_interval(secs => :grace)
+    FOR UPDATE SKIP LOCKED
+), retried AS (
+    UPDATE jobs j SET state = 'ready', owner_node = NULL, owner_epoch = NULL, claimed_at = NULL,
+                      deadline = NULL, run_at = now(),
+                      last_error = 'no outcome from node ' || j.owner_node || ' within '
+                                   || j.timeout_seconds || ' s: returned to the pool'
+    FROM overdue o WHERE j.id = o.id AND NOT o.exhausted
+    RETURNING j.id
+), dead AS (
+    DELETE FROM jobs j USING overdue o WHERE j.id = o.id AND o.exhausted
+    RETURNING j.*
+), failed AS (
+    INSERT INTO job_history (id, type, payload, outcome, node_id, attempt, priority, target_node,
+                             created_at, claimed_at, finished_at, error)
+    SELECT id, type, payload, 'failed', owner_node, attempt - released_claims, priority,
+           target_node, created_at, claimed_at, clock_timestamp(),
+           'timed out: no outcome from node ' || owner_node || ' within ' || timeout_seconds || ' s'
+    FROM dead
+    RETURNING id
+)
+SELECT (SELECT count(*) FROM retried) AS retried, (SELECT count(*) FROM failed) AS failed;
 
 -- name: leave
 UPDATE nodes SET status = 'offline', status_changed_at = now(), status_reason = :reason
@@ -88,11 +177,15 @@ WHERE id = :node_id AND epoch = :epoch AND status = 'online'
 RETURNING id;
 
 -- name: release_jobs
-UPDATE jobs SET state = 'ready', owner_node = NULL, claimed_at = NULL, deadline = NULL,
-                run_at = now(), last_error = :reason
-WHERE owner_node = :node_id AND state = 'running' AND target_node IS NULL
-  AND id = ANY(CAST(:ids AS bigint[]))
-RETURNING id;
+-- Not a failure (a graceful shutdown, a node that fenced itself): the claim is refunded, so it
+-- does not count against max_attempts; the attempt counter itself never goes back, and the
+-- release is fenced like a completion (a job this node lost and claimed again is not touched).
+UPDATE jobs j SET state = 'ready', owner_node = NULL, owner_epoch = NULL, claimed_at = NULL,
+                  deadline = NULL, run_at = now(), last_error = :reason,
+                  released_claims = j.released_claims + 1
+FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS int[])) AS r(id, attempt)
+WHERE j.id = r.id AND j.attempt = r.attempt AND j.owner_node = :node_id AND j.state = 'running'
+RETURNING j.id;
 
 -- name: list_nodes
 SELECT id, name, address, api_port, version, status, epoch, started_at, last_heartbeat,
@@ -163,10 +256,12 @@ WITH me AS (
     LIMIT :limit
     FOR UPDATE SKIP LOCKED
 )
-UPDATE jobs j SET state = 'running', owner_node = :node_id, attempt = j.attempt + 1,
-                  claimed_at = now(), deadline = now() + make_interval(secs => j.timeout_seconds)
+UPDATE jobs j SET state = 'running', owner_node = :node_id, owner_epoch = :epoch,
+                  attempt = j.attempt + 1, claimed_at = now(),
+                  deadline = now() + make_interval(secs => j.timeout_seconds)
 FROM picked WHERE j.id = picked.id
-RETURNING j.id, j.type, j.payload, j.attempt, j.max_attempts, j.timeout_seconds, j.target_node,
+RETURNING j.id, j.type, j.payload, j.attempt, j.attempt - j.released_claims AS counted_attempt,
+          j.max_attempts, j.timeout_seconds, j.target_node,
           extract(epoch FROM now() - j.run_at) AS waited_seconds;
 
 -- name: complete_jobs
@@ -179,8 +274,8 @@ WITH done AS (
 )
 INSERT INTO job_history (id, type, payload, outcome, node_id, attempt, priority, target_node,
                          created_at, claimed_at, finished_at, error)
-SELECT id, type, payload, 'succeeded', owner_node, attempt, priority, target_node,
-       created_at, claimed_at, clock_timestamp(), NULL
+SELECT id, type, payload, 'succeeded', owner_node, attempt - released_claims, priority,
+       target_node, created_at, claimed_at, clock_timestamp(), NULL
 FROM done
 RETURNING id;
 
@@ -192,8 +287,8 @@ WITH done AS (
 )
 INSERT INTO job_history (id, type, payload, outcome, node_id, attempt, priority, target_node,
                          created_at, claimed_at, finished_at, error)
-SELECT id, type, payload, 'failed', owner_node, attempt, priority, target_node,
-       created_at, claimed_at, clock_timestamp(), :error
+SELECT id, type, payload, 'failed', owner_node, attempt - released_claims, priority,
+       target_node, created_at, claimed_at, clock_timestamp(), :error
 FROM done
 RETURNING id;
 
@@ -204,7 +299,8 @@ WHERE id = :id AND attempt = :attempt AND owner_node = :node_id AND state = 'run
 RETURNING id;
 
 -- name: get_job
-SELECT id, type, payload, state, NULL AS outcome, priority, attempt, max_attempts, owner_node AS node_id,
+SELECT id, type, payload, state, NULL AS outcome, priority, attempt - released_claims AS attempt,
+       max_attempts, owner_node AS node_id,
        target_node, created_at, run_at, claimed_at, NULL AS finished_at, last_error AS error, now() AS db_now
 FROM jobs WHERE id = :id
 UNION ALL

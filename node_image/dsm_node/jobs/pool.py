@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from dsm_node import faults
 from dsm_node.db.queries import Q
 from dsm_node.jobs import states
 from dsm_node.jobs.registry import REGISTRY, Payload, Registry
@@ -38,7 +39,8 @@ class ClaimedJob:
     id: int
     type: str
     payload: Payload
-    attempt: int
+    attempt: int  # the claim's number: with the owner, the fencing token (never repeats)
+    counted_attempt: int  # attempts counted against max_attempts (released claims are not)
     max_attempts: int
     timeout_seconds: float
     local: bool
@@ -97,10 +99,11 @@ class JobPool:
                 "run_ats": [j.run_at for j in jobs],
                 "delays": [float(j.delay_seconds) for j in jobs],
                 "max_attempts": [
-                    j.max_attempts or t.max_attempts for j, t in zip(jobs, types, strict=True)
+                    int(j.max_attempts or t.max_attempts) for j, t in zip(jobs, types, strict=True)
                 ],
+                # float(): a type's default may be an int; psycopg refuses a list of mixed types
                 "timeouts": [
-                    j.timeout_seconds or t.timeout for j, t in zip(jobs, types, strict=True)
+                    float(j.timeout_seconds or t.timeout) for j, t in zip(jobs, types, strict=True)
                 ],
                 "unique_keys": [j.unique_key for j in jobs],
             },
@@ -116,7 +119,7 @@ class JobPool:
                 "payload": json.dumps(j.payload),
                 "priority": j.priority if j.priority is not None else t.priority,
                 "max_attempts": j.max_attempts or t.max_attempts,
-                "timeout": j.timeout_seconds or t.timeout,
+                "timeout": float(j.timeout_seconds or t.timeout),
                 "unique_key": j.unique_key,
             },
         )
@@ -158,6 +161,7 @@ class JobPool:
                     r.type,
                     r.payload,
                     int(r.attempt),
+                    int(r.counted_attempt),
                     int(r.max_attempts),
                     float(r.timeout_seconds),
                     r.target_node is not None,
@@ -179,7 +183,9 @@ class JobPool:
             Q.complete_jobs,
             {"node_id": node_id, "ids": [i for i, _ in done], "attempts": [a for _, a in done]},
         )
-        return {int(r.id) for r in rows}
+        finished = {int(r.id) for r in rows}
+        await faults.point("completion")  # rows deleted, locks held, not committed yet
+        return finished
 
     async def fail(
         self,
@@ -190,12 +196,12 @@ class JobPool:
         rnd: random.Random | None = None,
     ) -> str | None:
         """Records a failed attempt: 'retrying' or 'failed', or None when the claim was lost."""
-        decision = states.after_failure(job.attempt, job.max_attempts, backoff, rnd)
+        decision = states.after_failure(job.counted_attempt, job.max_attempts, backoff, rnd)
         params: dict[str, Any] = {
             "id": job.id,
             "attempt": job.attempt,
             "node_id": node_id,
-            "error": error[:4000],
+            "error": storable_text(error)[:4000],
         }
         async with self.engine.begin() as conn:
             if decision.retry:
@@ -205,10 +211,20 @@ class JobPool:
             row = (await conn.execute(Q.fail_job, params)).first()
             return "failed" if row else None
 
-    async def release(self, node_id: int, ids: list[int], reason: str) -> int:
+    async def release(self, node_id: int, held: list[tuple[int, int]], reason: str) -> int:
+        """Returns running jobs, given as (id, attempt), to the pool without counting the attempt
+        (a release is not a failure); jobs this node no longer holds are left alone."""
+        if not held:
+            return 0
         async with self.engine.begin() as conn:
             rows = await conn.execute(
-                Q.release_jobs, {"node_id": node_id, "ids": ids, "reason": reason}
+                Q.release_jobs,
+                {
+                    "node_id": node_id,
+                    "ids": [i for i, _ in held],
+                    "attempts": [a for _, a in held],
+                    "reason": reason,
+                },
             )
             return len(rows.all())
 
@@ -258,6 +274,11 @@ class JobPool:
     async def queue_depth(self) -> list[tuple[str, str, int]]:
         async with self.engine.connect() as conn:
             return [(r.type, r.state, int(r.n)) for r in await conn.execute(Q.queue_depth)]
+
+
+def storable_text(s: str) -> str:
+    """PostgreSQL text cannot hold NUL (an error message may): a recording must not fail on it."""
+    return s.replace("\x00", "\\0").encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _iso(t: dt.datetime | None) -> str | None:

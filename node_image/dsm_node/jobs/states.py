@@ -3,8 +3,14 @@
 ready --claim--> running --success--> succeeded (history)
                     |--failure, attempts left--> ready (run_at = now + backoff)
                     |--failure, none left------> failed (history, dead letter, with the error)
+                    |--past its deadline-------> as a failure (whoever owns it; the sweep does it)
                     |--owner offline-----------> ready (taken over; the attempt stays spent)
+                    |--released----------------> ready (graceful shutdown, fencing: the attempt
+                                                   is refunded, it does not count)
 local jobs whose node leaves ---------------------> discarded (history)
+
+Every claim increments the attempt counter, which with the owner is the fencing token and never
+repeats; attempts counted against max_attempts are the claims minus the refunded releases.
 """
 
 from __future__ import annotations

@@ -4,6 +4,12 @@ One claim statement fetches up to ``batch`` jobs (never more than free slots); e
 own asyncio task so slow jobs do not hold up fast ones. Successful plain jobs are finished by a
 batch completer (one statement for many jobs); transactional jobs finish inside their own
 transaction. The loop sleeps on a NOTIFY from enqueuers, with polling as the fallback.
+
+A job's outcome is never forgotten: an outcome that could not be written (the database was away
+for a moment) is kept and written again, with the job's fencing token, until it is written or the
+token is refused (another node holds the job now). A job's time limit counts from its claim,
+waiting for a free transaction slot included, so the node gives up on a job no later than the
+database's deadline, after which any node's sweep may return the job to the pool.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Any
 
 from dsm_node import metrics
 from dsm_node.cluster.membership import Identity
+from dsm_node.db.engine import database_unavailable
 from dsm_node.jobs import states
 from dsm_node.jobs.pool import ClaimedJob, JobPool
 from dsm_node.jobs.registry import JobContext, UnknownJobType
@@ -56,10 +63,12 @@ class Worker:
         self._wake = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._pending_done: list[tuple[int, int, str]] = []
+        # failures not written yet, by (job id, attempt): (node id, job, error)
+        self._unrecorded: dict[tuple[int, int], tuple[int, ClaimedJob, str]] = {}
         self._done_ready = asyncio.Event()
         self._paused_reason: str | None = "starting"
         self._stopping = False
-        self._abandoned: list[int] = []
+        self._abandoned: list[tuple[int, int]] = []  # (job id, attempt) of jobs cancelled
         self._tx_slots = asyncio.Semaphore(config.transactional_concurrency)
 
     # -- control --------------------------------------------------------------------------
@@ -84,17 +93,27 @@ class Worker:
 
     def abandon_running(self, reason: str) -> list[int]:
         """Cancels every running job (this node may no longer finish them)."""
-        ids = list(self.running)
+        held = [(job.id, job.attempt) for job, _ in self.running.values()]
         for _, task in list(self.running.values()):
             task.cancel()
-        if ids:
-            log.warning("abandoned %d running jobs: %s", len(ids), reason)
-        self._abandoned += ids
-        return ids
+        if held:
+            log.warning("abandoned %d running jobs: %s", len(held), reason)
+        self._abandoned += held
+        return [i for i, _ in held]
 
-    def take_abandoned(self) -> list[int]:
-        ids, self._abandoned = self._abandoned, []
-        return ids
+    def take_abandoned(self) -> list[tuple[int, int]]:
+        """The (id, attempt) of abandoned jobs not yet released; the caller releases them (and
+        hands them back with ``keep_abandoned`` when it could not)."""
+        held, self._abandoned = self._abandoned, []
+        return held
+
+    def keep_abandoned(self, held: list[tuple[int, int]]) -> None:
+        self._abandoned = held + self._abandoned
+
+    @property
+    def unrecorded_outcomes(self) -> int:
+        """Outcomes waiting to be written (completions and failures)."""
+        return len(self._pending_done) + len(self._unrecorded)
 
     # -- claim loop -----------------------------------------------------------------------
 
@@ -111,6 +130,8 @@ class Worker:
             want = min(free, cfg.batch)
             me = self.identity()
             started = time.perf_counter()
+            # Time limits count from before the claim: never later than the database's deadline.
+            claimed_before = asyncio.get_running_loop().time()
             try:
                 jobs = await self.pool.claim(me.node_id, me.epoch, want)
             except Exception as e:  # the database is away; membership decides what that means
@@ -120,7 +141,10 @@ class Worker:
             metrics.CLAIM_SECONDS.observe(time.perf_counter() - started)
             for job in jobs:
                 _child(metrics.QUEUE_WAIT_SECONDS, job.type).observe(max(0.0, job.waited_seconds))
-                task = asyncio.create_task(self._execute(me, job), name=f"job-{job.id}")
+                task = asyncio.create_task(
+                    self._execute(me, job, claimed_before + job.timeout_seconds),
+                    name=f"job-{job.id}",
+                )
                 self.running[job.id] = (job, task)
             if len(jobs) < want:
                 await self._sleep(self._wake, cfg.poll_interval)
@@ -134,21 +158,24 @@ class Worker:
 
     # -- running one job ------------------------------------------------------------------
 
-    async def _execute(self, me: Identity, job: ClaimedJob) -> None:
+    async def _execute(self, me: Identity, job: ClaimedJob, deadline: float) -> None:
+        """Runs one job until ``deadline`` (event-loop time) and records its outcome."""
         started = time.perf_counter()
         outcome = "succeeded"
         try:
             jt = self.pool.registry.get(job.type)
-            ctx = JobContext(job.id, job.attempt, me.name, self.services)
+            ctx = JobContext(job.id, job.counted_attempt, me.name, self.services)
             if jt.transactional:
-                async with self._tx_slots, self.pool.engine.begin() as conn:
-                    ctx.conn = conn
-                    async with asyncio.timeout(job.timeout_seconds):
+                async with contextlib.AsyncExitStack() as stack:
+                    async with asyncio.timeout_at(deadline):  # a free slot is part of the time
+                        await stack.enter_async_context(self._tx_slots)
+                        conn = await stack.enter_async_context(self.pool.engine.begin())
+                        ctx.conn = conn
                         await jt.handler(ctx, job.payload)
                     if not await self.pool.complete_in(conn, me.node_id, [(job.id, job.attempt)]):
                         raise LostClaim()
             else:
-                async with asyncio.timeout(job.timeout_seconds):
+                async with asyncio.timeout_at(deadline):
                     await jt.handler(ctx, job.payload)
                 self._pending_done.append((job.id, job.attempt, job.type))
                 self._done_ready.set()
@@ -180,49 +207,88 @@ class Worker:
             _child(metrics.JOB_SECONDS, job.type).observe(time.perf_counter() - started)
 
     async def _record_failure(self, me: Identity, job: ClaimedJob, error: str) -> str:
+        """Writes a failed attempt; returns the outcome to count, or "" when the failure is kept
+        to be written again later (it is counted then)."""
         try:
             result = await self.pool.fail(me.node_id, job, error, self.config.backoff)
         except Exception as e:
-            log.warning("job %d (%s): could not record failure: %s", job.id, job.type, _short(e))
-            return "lost"
-        if result is None:
-            return "lost"
-        level = logging.WARNING if result == "retrying" else logging.ERROR
-        log.log(
-            level,
-            "job %d (%s) attempt %d/%d failed, %s: %s",
-            job.id,
-            job.type,
-            job.attempt,
-            job.max_attempts,
-            result,
-            error,
-        )
-        return result
+            if not database_unavailable(e):
+                log.error(
+                    "job %d (%s): cannot record its failure (%s); its deadline returns it to the "
+                    "pool",
+                    job.id,
+                    job.type,
+                    _short(e),
+                )
+                return "lost"
+            log.warning(
+                "job %d (%s): could not record failure yet, will retry: %s",
+                job.id,
+                job.type,
+                _short(e),
+            )
+            self._unrecorded[(job.id, job.attempt)] = (me.node_id, job, error)
+            self._done_ready.set()
+            return ""
+        return _report_failure(job, error, result)
+
+    async def flush_failures(self) -> bool:
+        """Writes the failures kept from earlier; False when the database is still away."""
+        for key, (node_id, job, error) in list(self._unrecorded.items()):
+            try:
+                result = await self.pool.fail(node_id, job, error, self.config.backoff)
+            except Exception as e:
+                if database_unavailable(e):
+                    return False
+                log.error(
+                    "job %d (%s): cannot record its failure (%s); its deadline returns it to the "
+                    "pool",
+                    job.id,
+                    job.type,
+                    _short(e),
+                )
+                result = None
+            del self._unrecorded[key]
+            _child(metrics.JOBS, job.type, _report_failure(job, error, result)).inc()
+        return True
 
     # -- batch completer ------------------------------------------------------------------
 
-    async def complete_forever(self) -> None:
+    async def record_outcomes_forever(self) -> None:
+        """Writes completions in batches, and failures that could not be written at once."""
         while True:
             await self._done_ready.wait()
             if len(self._pending_done) < self.config.batch and not self._stopping:
                 await asyncio.sleep(self.config.completion_flush_interval)
-            await self.flush_completions()
+            written = await self.flush_completions()
+            if written and self._unrecorded:
+                written = await self.flush_failures()
+            if not written:  # the database is away: try again after a pause
+                await asyncio.sleep(self.config.poll_interval)
+                self._done_ready.set()
 
-    async def flush_completions(self) -> None:
+    async def flush_completions(self) -> bool:
+        """Writes pending completions; False when the database is away (they stay pending)."""
         self._done_ready.clear()
         if not self._pending_done:
-            return
+            return True
         batch, self._pending_done = self._pending_done, []
         me = self.identity()
         try:
             done = await self.pool.complete(me.node_id, [(i, a) for i, a, _ in batch])
         except Exception as e:
-            log.warning("could not record %d completions: %s", len(batch), _short(e))
+            if not database_unavailable(e):
+                log.error(
+                    "cannot record %d completions (%s); their deadline returns them to the pool",
+                    len(batch),
+                    _short(e),
+                )
+                return True
+            log.warning(
+                "could not record %d completions yet, will retry: %s", len(batch), _short(e)
+            )
             self._pending_done = batch + self._pending_done  # retried on the next flush
-            await asyncio.sleep(self.config.poll_interval)
-            self._done_ready.set()
-            return
+            return False
         counts = collections.Counter(
             (job_type, "succeeded" if job_id in done else "lost") for job_id, _, job_type in batch
         )
@@ -233,12 +299,13 @@ class Worker:
                 "%d completed jobs had been taken over by other nodes; their results were dropped",
                 len(batch) - len(done),
             )
+        return True
 
     # -- shutdown -------------------------------------------------------------------------
 
-    async def drain(self, grace_seconds: float) -> list[int]:
+    async def drain(self, grace_seconds: float) -> list[tuple[int, int]]:
         """Stops claiming, waits up to the grace period, cancels what still runs; returns the
-        ids of jobs cut short (to be released back to the pool)."""
+        (id, attempt) of jobs cut short (to be released back to the pool)."""
         self._stopping = True
         self.wake()
         self._slot_freed.set()
@@ -246,14 +313,40 @@ class Worker:
         if tasks:
             log.info("waiting up to %g s for %d running jobs", grace_seconds, len(tasks))
             _, pending = await asyncio.wait(tasks, timeout=grace_seconds)
-            cut = [job_id for job_id, (_, t) in list(self.running.items()) if t in pending]
+            cut = [(job.id, job.attempt) for job, t in list(self.running.values()) if t in pending]
             for t in pending:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         else:
             cut = []
-        await self.flush_completions()
+        if await self.flush_completions():
+            await self.flush_failures()
         return cut + self.take_abandoned()
+
+
+def _report_failure(job: ClaimedJob, error: str, result: str | None) -> str:
+    """Logs a written failure; returns the outcome to count ("lost" when fenced out)."""
+    if result is None:
+        log.warning(
+            "job %d (%s) attempt %d failed (%s), but another node holds it now: not recorded",
+            job.id,
+            job.type,
+            job.counted_attempt,
+            error,
+        )
+        return "lost"
+    level = logging.WARNING if result == "retrying" else logging.ERROR
+    log.log(
+        level,
+        "job %d (%s) attempt %d/%d failed, %s: %s",
+        job.id,
+        job.type,
+        job.counted_attempt,
+        job.max_attempts,
+        result,
+        error,
+    )
+    return result
 
 
 _children: dict[tuple[object, tuple[str, ...]], Any] = {}
