@@ -300,7 +300,7 @@ class Node:
                     "heartbeat waiting on the database for %.1f s", time.monotonic() - beat_started
                 )
             age = self.heartbeat_age() or 0.0
-            metrics.HEARTBEAT_AGE.set(age)
+            metrics.observe_heartbeat(age, interval, threshold)
             if self.phase in ("upgrade_required", "decommissioned"):
                 pass  # already working on nothing
             elif not self._fenced and age > fence_after(threshold):
