@@ -94,6 +94,7 @@ if [[ " ${missing[*]} " == *" crds "* ]]; then
         sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
     [[ -d "$src/example/prometheus-operator-crd" ]] || { echo "no example/prometheus-operator-crd in $src" >&2; exit 1; }
     tmp="$(mktemp -d "$(dirname "$crd_dir")/.crds.XXXX")"
+    chmod 755 "$tmp"
     cp "$src"/example/prometheus-operator-crd/monitoring.coreos.com_*.yaml "$tmp/"
     chmod -R u+w "$tmp"
     rm -rf "$crd_dir"

@@ -12,6 +12,8 @@ metrics (``process_resident_memory_bytes``, ``process_open_fds``, ...).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import (
     GC_COLLECTOR,
     PLATFORM_COLLECTOR,
@@ -30,6 +32,7 @@ for _collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
     REGISTRY.register(_collector)
 NODE = Gauge("dsm_node_info", "This node", ["node", "version"], registry=REGISTRY)
 
+JOB_OUTCOMES = ("succeeded", "retrying", "failed", "lost", "abandoned")
 JOBS = Counter(
     "dsm_jobs",
     "Job attempts ended on this node, by type and outcome",
@@ -111,3 +114,14 @@ def observe_heartbeat(age: float, interval: float, threshold: float) -> None:
     HEARTBEAT_AGE.set(age)
     HEARTBEAT_INTERVAL.set(interval)
     OFFLINE_THRESHOLD.set(threshold)
+
+
+def initialize_job_series(job_types: Iterable[str]) -> None:
+    """Create every (type, outcome) series of ``dsm_jobs_total`` at 0 when the node starts.
+
+    A counter series that appears only at its first increment hides that increment from
+    ``increase()`` and ``rate()`` (there is no earlier sample), so the first dead-lettered job of
+    a type would never fire ``DsmJobsDeadLettered``."""
+    for job_type in job_types:
+        for outcome in JOB_OUTCOMES:
+            JOBS.labels(job_type, outcome)

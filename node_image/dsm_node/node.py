@@ -224,6 +224,7 @@ class Node:
             ),
         )
         self.worker.resume()
+        metrics.initialize_job_series(self.pool.registry.types)
         self.phase = "online"
         for coro in (
             self.worker.run(),
