@@ -117,11 +117,15 @@ def observe_heartbeat(age: float, interval: float, threshold: float) -> None:
 
 
 def initialize_job_series(job_types: Iterable[str]) -> None:
-    """Create every (type, outcome) series of ``dsm_jobs_total`` at 0 when the node starts.
+    """Create the series of every job type at 0 when the node starts: each (type, outcome) of
+    ``dsm_jobs_total`` and each type's histograms.
 
-    A counter series that appears only at its first increment hides that increment from
-    ``increase()`` and ``rate()`` (there is no earlier sample), so the first dead-lettered job of
-    a type would never fire ``DsmJobsDeadLettered``."""
+    A series that appears only with its first observation hides that observation from
+    ``increase()`` and ``rate()`` (there is no earlier sample): the first dead-lettered job of a
+    type would never fire ``DsmJobsDeadLettered``, and a first burst of jobs would be missing from
+    the dashboard's rates and quantiles."""
     for job_type in job_types:
         for outcome in JOB_OUTCOMES:
             JOBS.labels(job_type, outcome)
+        JOB_SECONDS.labels(job_type)
+        QUEUE_WAIT_SECONDS.labels(job_type)
