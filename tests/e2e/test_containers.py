@@ -70,3 +70,27 @@ def test_values_of_the_environment_never_reach_the_command_line() -> None:
     assert not any("secret" in a for a in argv)
     assert argv[-1] == "localhost/dsm-node-e2e:0.1.0"
     assert '--entrypoint=["dsm", "node", "run"]' in argv
+
+
+def test_the_operators_node_pods_run_with_a_read_only_root_and_an_empty_tmp() -> None:
+    """The pod template the operator writes, translated as the kubelet runs it."""
+    from dsm_operator.reconcile import manifests
+    from dsm_operator.reconcile.specs import ManagerSpec, Owner
+
+    spec = ManagerSpec.parse(
+        {
+            "version": "0.1.0",
+            "nodes": 1,
+            "database": {"secretRef": {"name": "db"}},
+            "masterKey": {"localSecretRef": {"name": "key"}},
+        }
+    )
+    template = manifests.pod_template(
+        spec, Owner(name="mgr", namespace="ns", uid="u"), image="dsm-node:0.1.0", secrets_hash="h"
+    )
+    pod, container = template["spec"], template["spec"]["containers"][0]
+    args = security_args(pod["securityContext"], container["securityContext"], "10001:10001")
+    assert "--read-only" in args and "--read-only-tmpfs=false" in args
+    assert "--user=10001:10001" in args
+    tmp = next(m for m in container["volumeMounts"] if m["mountPath"] == "/tmp")
+    assert {"name": tmp["name"], "emptyDir": {"sizeLimit": "16Mi"}} in pod["volumes"]

@@ -127,6 +127,11 @@ def assert_runtime(manager: Manager, kubelet: MiniKubelet) -> None:
             assert container["image"].startswith("localhost/dsm-node-e2e:"), container
             assert container["imageID"], container
             assert set(uids) == {"10001"}, uids  # runAsUser of the pod's securityContext
+            name = container["containerID"].removeprefix("podman://")
+            read_only = containers.podman(
+                "inspect", "--format", "{{.HostConfig.ReadonlyRootfs}}", name
+            ).stdout.strip()
+            assert read_only == "true", f"{name}: read-only root {read_only}"
         else:
             assert container["containerID"].startswith("local://"), container
     operator = manager.operator

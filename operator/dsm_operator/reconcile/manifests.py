@@ -155,10 +155,14 @@ def _volumes(spec: ManagerSpec, owner: Owner) -> tuple[list[Manifest], list[Mani
                 "defaultMode": 0o440,
             },
         },
+        # The root file system is read-only; the node's only write is its generated
+        # self-signed certificate, under $TMPDIR.
+        {"name": "tmp", "emptyDir": {"sizeLimit": "16Mi"}},
     ]
     mounts: list[Manifest] = [
         {"name": "local-secret", "mountPath": names.LOCAL_SECRET_DIR, "readOnly": True},
         {"name": "api-key", "mountPath": names.API_KEY_DIR, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
     ]
     if spec.tls is not None:
         volumes.append(
@@ -206,6 +210,7 @@ def pod_template(
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
             "runAsNonRoot": True,
         },
     }
