@@ -29,6 +29,7 @@ from tests.monitoring import tools
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
 SM = ("monitoring.coreos.com/v1", "servicemonitors")
+PR = ("monitoring.coreos.com/v1", "prometheusrules")
 NAMESPACE = "monitoring-test"
 
 
@@ -115,6 +116,15 @@ def test_the_service_monitor_passes_strict_validation(api: KubeApi) -> None:
     assert contains(stored["spec"], sm["spec"]), stored["spec"]
 
 
+def test_the_prometheus_rule_passes_strict_validation(api: KubeApi) -> None:
+    spec, owner = create_resource(api, "strict-pr")
+    rule = manifests.prometheus_rule(spec, owner)
+    assert rule is not None
+    stored = api.expect("POST", path_of(rule, PR[1]), rule, query={"fieldValidation": "Strict"})
+    assert contains(stored["spec"], rule["spec"]), stored["spec"]
+    assert len(stored["spec"]["groups"][0]["rules"]) > 0
+
+
 def test_the_api_server_really_validates_against_the_crd(api: KubeApi) -> None:
     """The real schema is loaded: a misplaced field and a wrong type are refused, naming them."""
     spec, owner = create_resource(api, "invalid-sm")
@@ -128,6 +138,11 @@ def test_the_api_server_really_validates_against_the_crd(api: KubeApi) -> None:
     sm["spec"]["endpoints"][0]["interval"] = "every minute"
     status, reply = api.call("POST", path_of(sm, SM[1]), sm)
     assert status == 422 and "spec.endpoints[0].interval" in str(reply), reply
+    rule = manifests.prometheus_rule(spec, owner)
+    assert rule is not None
+    rule["spec"]["groups"][0]["rules"][0]["for"] = "5 minutes"
+    status, reply = api.call("POST", path_of(rule, PR[1]), rule)
+    assert status == 422 and "spec.groups[0].rules[0].for" in str(reply), reply
 
 
 def test_the_operator_creates_them_when_the_api_exists(api: KubeApi, tmp_path: Path) -> None:
@@ -154,8 +169,16 @@ def test_the_operator_creates_them_when_the_api_exists(api: KubeApi, tmp_path: P
         stored = harness.wait_for(
             lambda: api.get(sm_path), 60, "the ServiceMonitor", operator.log_tail
         )
+        pr_path = sm_path.replace(SM[1], PR[1])
+        stored_rule = harness.wait_for(
+            lambda: api.get(pr_path), 60, "the PrometheusRule", operator.log_tail
+        )
     finally:
         operator.stop()
+    wanted_rule = manifests.prometheus_rule(spec, owner)
+    assert wanted_rule is not None
+    assert contains(stored_rule["spec"], wanted_rule["spec"]), stored_rule["spec"]
+    assert stored_rule["metadata"]["labels"]["release"] == "prometheus"
     wanted = manifests.service_monitor(spec, owner)
     assert wanted is not None
     assert contains(stored["spec"], wanted["spec"]), stored["spec"]

@@ -95,3 +95,136 @@ def test_every_selector_is_written_with_braces() -> None:
     for rule in alerts():
         for m in re.finditer(r"\b(dsm_[a-z_]+)\b(.)", rule["expr"]):
             assert m.group(2) == "{", f"{rule['alert']}: {m.group(1)} without braces"
+
+
+# --- the operator's PrometheusRule: the same rules, narrowed to one resource -----------------
+
+OPERATOR_COPY = tools.REPO / "operator" / "dsm_operator" / "reconcile" / "prometheus-rules.yaml"
+
+
+def test_the_operator_ships_the_same_rules() -> None:
+    assert OPERATOR_COPY.read_text() == tools.RULES.read_text(), (
+        "copy monitoring/prometheus-rules.yaml to operator/dsm_operator/reconcile/"
+    )
+
+
+def narrowed_rule_file(path: Any, namespace: str = "prod", name: str = "mgr") -> Any:
+    from dsm_operator.reconcile import alerting
+
+    groups = alerting.rule_groups(namespace, f"{name}-nodes", name)
+    path.write_text(yaml.safe_dump({"groups": groups}, sort_keys=False))
+    return path
+
+
+def test_narrowing_puts_the_resource_in_every_selector() -> None:
+    from dsm_operator.reconcile import alerting
+
+    assert alerting.narrow(
+        'max(dsm_node_status{status="Offline"}) + rate(dsm_operator_stalled{}[5m])',
+        {"namespace": "prod", "service": "mgr-nodes"},
+        {"namespace": "prod", "name": "mgr"},
+    ) == (
+        'max(dsm_node_status{namespace="prod",service="mgr-nodes",status="Offline"})'
+        ' + rate(dsm_operator_stalled{name="mgr",namespace="prod"}[5m])'
+    )
+    for group in alerting.rule_groups("prod", "mgr-nodes", "mgr"):
+        for rule in group["rules"]:
+            for m in re.finditer(r"\b(dsm_[a-z_]+)\{([^}]*)\}", rule["expr"]):
+                assert 'namespace="prod"' in m.group(2), (rule["alert"], m.group(0))
+
+
+def test_the_narrowed_rules_pass_promtool_check(
+    prometheus_tools: tools.Tools, tmp_path: Any
+) -> None:
+    rules = narrowed_rule_file(tmp_path / "narrowed.yaml")
+    result = promtool(prometheus_tools, "check", "rules", "--lint=all", str(rules))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_narrowed_rule_alerts_on_its_own_cluster_only(
+    prometheus_tools: tools.Tools, tmp_path: Any
+) -> None:
+    """Two clusters (prod/mgr and test/mgr) each with a node offline; the rules of prod/mgr fire
+    for prod's node only, and prod's rollout stall only."""
+    narrowed_rule_file(tmp_path / "narrowed.yaml")
+    test_file = tmp_path / "narrowed-test.yaml"
+    node = (
+        'dsm_node_status{{namespace="{ns}", service="mgr-nodes", job="mgr-nodes", node="{n}",'
+        ' status="Offline"}}'
+    )
+    stalled = 'dsm_operator_stalled{{namespace="{ns}", name="mgr", job="dsm-operator"}}'
+    test_file.write_text(
+        yaml.safe_dump(
+            {
+                "rule_files": ["narrowed.yaml"],
+                "evaluation_interval": "1m",
+                "tests": [
+                    {
+                        "interval": "1m",
+                        "input_series": [
+                            {"series": node.format(ns="prod", n="mgr-2"), "values": "1x10"},
+                            {"series": node.format(ns="test", n="mgr-1"), "values": "1x10"},
+                            {"series": stalled.format(ns="prod"), "values": "1x10"},
+                            {"series": stalled.format(ns="test"), "values": "1x10"},
+                        ],
+                        "alert_rule_test": [
+                            {
+                                "eval_time": "6m",
+                                "alertname": "DsmNodeOffline",
+                                "exp_alerts": [
+                                    {
+                                        "exp_labels": {
+                                            "severity": "warning",
+                                            "namespace": "prod",
+                                            "job": "mgr-nodes",
+                                            "node": "mgr-2",
+                                        },
+                                        "exp_annotations": _annotations(
+                                            "DsmNodeOffline",
+                                            {
+                                                "namespace": "prod",
+                                                "job": "mgr-nodes",
+                                                "node": "mgr-2",
+                                            },
+                                        ),
+                                    }
+                                ],
+                            },
+                            {
+                                "eval_time": "6m",
+                                "alertname": "DsmOperatorRolloutStalled",
+                                "exp_alerts": [
+                                    {
+                                        "exp_labels": {
+                                            "severity": "critical",
+                                            "namespace": "prod",
+                                            "name": "mgr",
+                                        },
+                                        "exp_annotations": _annotations(
+                                            "DsmOperatorRolloutStalled",
+                                            {"namespace": "prod", "name": "mgr"},
+                                        ),
+                                    }
+                                ],
+                            },
+                        ],
+                    }
+                ],
+            },
+            sort_keys=False,
+        )
+    )
+    result = promtool(prometheus_tools, "test", "rules", str(test_file))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _annotations(alert: str, labels: dict[str, str]) -> dict[str, str]:
+    """The rule's annotations with ``{{ $labels.x }}`` filled in (the templates used here)."""
+    rule = next(r for r in alerts() if r["alert"] == alert)
+    out = {}
+    for key, template in rule["annotations"].items():
+        text = re.sub(
+            r"\{\{\s*\$labels\.(\w+)\s*\}\}", lambda m: labels.get(m.group(1), ""), template
+        )
+        out[key] = text
+    return out
