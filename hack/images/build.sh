@@ -113,4 +113,7 @@ for name in $images; do
     size="$("$engine" image inspect --format '{{.Size}}' "$tag")"
     log "built $tag in $((SECONDS - t0)) s: $((size / 1000000)) MB, revision $revision"
 done
+# Each build after a source change leaves the previous images' layers untagged; keep the recent
+# ones (the layer cache of the next build), drop those older than a day.
+[[ "$engine" == podman ]] && podman image prune -f --filter until=24h >/dev/null 2>&1 || true
 log "images done in $((SECONDS - started)) s"
