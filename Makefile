@@ -11,6 +11,7 @@ help:
 	@echo "make lint    ruff and mypy"
 	@echo "make bench   job-pool throughput against pgqueuer and procrastinate"
 	@echo "make images  build the node and operator images (podman or Docker; no registry needed)"
+	@echo "make prometheus  build Prometheus and promtool for the monitoring tests"
 	@echo "make lock    re-pin the Python dependencies (requirements/) after editing pyproject.toml"
 
 $(VENV)/.installed: pyproject.toml requirements/dev.txt requirements/build.txt

@@ -103,6 +103,13 @@ for name in $images; do
           --build-arg "CREATED=$created" --build-arg "SOURCE=$source_url"
           --build-arg PIP_NO_INDEX=1 --build-context "wheels=$wheels" --network none)
     [[ -n "$base" ]] && args+=(--build-arg "BASE_IMAGE=$base")
+    # The same labels again on the command line: buildah serves the Dockerfile's LABEL step from
+    # its cache when only the build arguments changed (a new commit with an unchanged tree kept
+    # the previous commit's revision); --label is applied to the image itself.
+    oci=org.opencontainers.image
+    args+=(--label "$oci.version=$version" --label "$oci.revision=$revision"
+           --label "$oci.created=$created" --label "$oci.source=$source_url")
+    [[ -n "$base" ]] && args+=(--label "$oci.base.name=$base")
     log "building $tag ($dockerfile, base ${base:-the Dockerfile default}, $engine)"
     t0=$SECONDS
     "${build[@]}" "${args[@]}" -f "$dockerfile" -t "$tag" . >"$cache/build-$name.log" 2>&1 || {
