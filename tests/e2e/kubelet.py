@@ -15,7 +15,9 @@ keeps its Lease and Ready condition fresh, and for every pod the scheduler binds
   and ``envFrom``;
 - runs the container's command (mapped through :attr:`MiniKubelet.commands`, e.g. ``dsm`` ->
   ``python -m dsm_node``) in a clean environment plus :attr:`MiniKubelet.extra_env` and
-  version rules (:meth:`MiniKubelet.add_env_rule`), one log file per process;
+  version rules (:meth:`MiniKubelet.add_env_rule`), one log file per process -- or, for a pod
+  whose image belongs to :attr:`MiniKubelet.container_images`, runs that image in podman with
+  the pod's environment, volumes and securityContext (:mod:`tests.e2e.containers`);
 - writes the pod status through the status subresource (phase, IPs, conditions,
   containerStatuses) with Ready driven by REALLY running the readiness probe (httpGet, HTTPS
   without verification, or tcpSocket); the startup probe gates readiness and liveness as in a
@@ -25,8 +27,9 @@ keeps its Lease and Ready condition fresh, and for every pod the scheduler binds
 - on deletion: SIGTERM, up to the grace period, SIGKILL, then deletes the pod with
   ``gracePeriodSeconds=0`` and a uid precondition, as a kubelet does.
 
-Not simulated (documented in docs/e2e.md): cgroups / resource limits, ``runAsUser`` (processes
-run as the test's user), image pulls (the ``image`` is ignored), init and sidecar containers
+Not simulated (documented in docs/e2e.md): cgroups / resource limits, ``runAsUser`` for local
+processes (they run as the test's user), image pulls (a local process ignores the ``image``; a
+container's image must be present), init and sidecar containers
 (only the first container runs), exec probes (count as success), emptyDir is a plain directory,
 projected / downward-API volumes. Probe periods are capped at :attr:`MiniKubelet.probe_period_cap`
 (1 s by default) so tests do not wait for 10 s probe periods; thresholds are honoured.
