@@ -146,8 +146,14 @@ def test_dashboard_and_alerts_on_a_real_prometheus(
             f"panel {title!r}: {expr} with data for {NODES}",
             lambda expr=expr: json.dumps(server.query(expr))[:2000],  # type: ignore[misc]
         )
-    per_node = server.query('sum by (pod) (increase(dsm_jobs_total{outcome="succeeded"}[1h]))')
-    assert {s["metric"]["pod"] for s in per_node if float(s["value"][1]) > 0} == set(NODES)
+    # ... and every node's own jobs show up (the local job ran on each), once scraped
+    succeeded = 'sum by (pod) (increase(dsm_jobs_total{outcome="succeeded"}[1h])) > 0'
+    wait_until(
+        lambda: pods(server.query(succeeded)) == set(NODES),
+        60,
+        "succeeded jobs counted for every node",
+        lambda: json.dumps(server.query(succeeded)),
+    )
 
     # What the node exports, as scraped: process metrics of each node, no _created series.
     assert pods(server.query("process_resident_memory_bytes")) == set(NODES)
