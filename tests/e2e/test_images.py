@@ -85,7 +85,10 @@ def test_non_root_labelled_and_no_compiler(images: dict[str, str], kind: str) ->
         ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO
     ).stdout.strip()
     # this commit, or this commit plus uncommitted changes (then marked -dirty)
-    assert labels["org.opencontainers.image.revision"] in (head, head + "-dirty"), labels
+    assert labels["org.opencontainers.image.revision"] in (head, head + "-dirty"), (
+        f"{images[kind]} was built from {labels['org.opencontainers.image.revision']}, not this "
+        f"commit {head}: stale (make images; make test always rebuilds first)"
+    )
     assert labels["org.opencontainers.image.title"] == f"dsm-{kind}"
     assert labels["org.opencontainers.image.licenses"] == "Apache-2.0"
     assert labels["org.opencontainers.image.base.name"]
