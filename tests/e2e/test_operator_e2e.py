@@ -327,10 +327,17 @@ def test_a_killed_node_is_restarted_in_its_pod_and_rejoins(
 
     container = wait_for(restarted, 120, "mgr-1 restarted in place")
     assert container["lastState"]["terminated"]["exitCode"] == 137
+    # The new process Ready first: right after the restart the resource's status may still be
+    # the one from before the kill (the operator has not yet seen the pod turn unready), so
+    # all_online alone can hold while the new process is still starting.
     wait_for(
         lambda: (
-            manager.all_online(2, "0.1.0")
+            any(
+                e.pod == "mgr-1" and e.kind == "ready" and e.at >= killed_at
+                for e in kubelet.events_of(manager.namespace)
+            )
             and kubelet.pid_of(manager.namespace, "mgr-1") not in (None, pid)
+            and manager.all_online(2, "0.1.0")
         ),
         120,
         "mgr-1 Online again",
