@@ -3,7 +3,7 @@ VENV        ?= .venv
 PYTHON      ?= python3
 export DSM_CACHE_DIR ?= $(HOME)/.cache/dsm
 
-.PHONY: help deps postgres k8s test test-fast lint up bench chaos clean
+.PHONY: help deps postgres k8s images prometheus lock test test-fast lint up bench chaos clean
 
 # make chaos: how many faults, and the seed that fixes their schedule
 CHAOS_FAULTS ?= 60
@@ -15,8 +15,11 @@ help:
 	@echo "make lint    ruff and mypy"
 	@echo "make bench   job-pool throughput against pgqueuer and procrastinate"
 	@echo "make chaos   seeded fault injection, long form (CHAOS_FAULTS=60 CHAOS_SEED=...): prints a report"
+	@echo "make images  build the node and operator images (podman or Docker; no registry needed)"
+	@echo "make prometheus  build Prometheus and promtool for the monitoring tests"
+	@echo "make lock    re-pin the Python dependencies (requirements/) after editing pyproject.toml"
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml requirements/dev.txt requirements/build.txt
 	@hack/bootstrap-python.sh "$(VENV)" "$(PYTHON)"
 
 deps: $(VENV)/.installed postgres
@@ -27,7 +30,20 @@ postgres:
 k8s:
 	@hack/k8s/build.sh
 
-test: deps k8s
+# Both images, tagged localhost/dsm-{node,operator}:<version> (hack/images/build.sh).
+images: $(VENV)/.installed
+	@PYTHON=$(VENV)/bin/python hack/images/build.sh
+
+# Prometheus, promtool and the monitoring.coreos.com CRDs for the monitoring tests.
+prometheus:
+	@hack/prometheus/build.sh
+
+lock:
+	$(PYTHON) hack/lock.py
+
+# The e2e tier runs the images with podman, so the suite builds them with podman.
+test: deps k8s prometheus
+	@DSM_CONTAINER_ENGINE=podman PYTHON=$(VENV)/bin/python hack/images/build.sh
 	$(VENV)/bin/pytest
 
 test-fast: deps

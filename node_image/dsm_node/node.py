@@ -273,6 +273,7 @@ class Node:
             ),
         )
         self.worker.resume()
+        metrics.initialize_job_series(self.pool.registry.types)
         self.phase = "online"
         for coro in (
             self.worker.run(),
@@ -373,7 +374,7 @@ class Node:
                     "heartbeat waiting on the database for %.1f s", loop.time() - beat_started
                 )
             age = self.heartbeat_age() or 0.0
-            metrics.HEARTBEAT_AGE.set(age)
+            metrics.observe_heartbeat(age, interval, threshold)
             if self.phase in ("upgrade_required", "decommissioned"):
                 pass  # already working on nothing
             elif not self._fenced and age > t.fence_after:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e import harness
+from tests.e2e import containers, harness
 from tests.e2e.kubeapi import KubeApi
 from tests.e2e.kubelet import MiniKubelet
 from tests.support.jobtypes import CREATE_EFFECTS
@@ -45,6 +45,28 @@ def kubelet(e2e_api: KubeApi, tmp_path_factory: pytest.TempPathFactory) -> Itera
         k.stop()
 
 
+@pytest.fixture(scope="session")
+def e2e_images(kubelet: MiniKubelet) -> dict[str, str]:
+    """version -> node image for the image-mode tests (built on the node image of ``make
+    images``); from now on the kubelet runs pods of these images in podman."""
+    version = containers.project_version()
+    needed = [
+        f"{containers.NODE_REPOSITORY}:{version}",
+        f"{containers.OPERATOR_REPOSITORY}:{version}",
+    ]
+    reason = containers.unavailable_reason(needed)
+    if reason is not None:
+        verdict = "FAILED (CI=true)" if os.environ.get("CI") == "true" else "SKIPPED"
+        message = f"E2E IMAGE TESTS {verdict}: {reason}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    containers.remove_leftovers()
+    images = containers.build_e2e_images()
+    kubelet.container_images = (containers.E2E_REPOSITORY,)
+    return images
+
+
 @pytest.fixture
 def manager(
     e2e_api: KubeApi,
@@ -56,7 +78,18 @@ def manager(
     tmp_path: Path,
     request: pytest.FixtureRequest,
 ) -> Iterator[harness.Manager]:
-    """A DeepSecurityManager ``mgr`` (not yet applied) and its running operator."""
+    """A DeepSecurityManager ``mgr`` (not yet applied) and its running operator.
+
+    Parametrized indirectly: ``"process"`` (the default) runs the operator and the nodes as local
+    processes; ``"image"`` runs the operator from its image and every node pod from the node
+    image (tags 0.1.0 and 0.2.0, :func:`e2e_images`) in podman."""
+    runtime = getattr(request, "param", "process")
+    operator_image = None
+    node_repository = harness.PROCESS_NODE_REPOSITORY
+    if runtime == "image":
+        request.getfixturevalue("e2e_images")
+        operator_image = f"{containers.OPERATOR_REPOSITORY}:{containers.project_version()}"
+        node_repository = containers.E2E_REPOSITORY
     db = f"e2e{os.getpid()}_{next(_databases)}"
     url = pg_server.create(db, template=pg_template)  # schema 2 at 0.1.0, no node yet
     harness.query(url, CREATE_EFFECTS)
@@ -65,10 +98,14 @@ def manager(
         heartbeat_interval_seconds=harness.HEARTBEAT_INTERVAL,
         offline_threshold_seconds=harness.OFFLINE_THRESHOLD,
     )
-    m = harness.Manager(e2e_api, kubelet, k8s_namespace, url)
+    m = harness.Manager(e2e_api, kubelet, k8s_namespace, url, runtime=runtime)
     m.create_secrets()
     operator = harness.OperatorProcess(
-        Path(k8s_workloads.kubeconfig), k8s_namespace, tmp_path / "operator.log"
+        Path(k8s_workloads.kubeconfig),
+        k8s_namespace,
+        tmp_path / "operator.log",
+        image=operator_image,
+        node_repository=node_repository,
     ).start()
     m.operator = operator
     try:

@@ -25,6 +25,7 @@ from typing import Any
 import psycopg
 import yaml
 
+from tests.e2e import containers
 from tests.e2e.kubeapi import KubeApi
 from tests.e2e.kubelet import NODE_LABEL, TOLERATION, MiniKubelet
 
@@ -101,9 +102,18 @@ def rss_kib(pid: int, key: str = "VmRSS") -> int:
     raise KeyError(key)
 
 
+PROCESS_NODE_REPOSITORY = "registry.e2e.test/dsm-node"
+"""The node image the operator names when the kubelet runs nodes as local processes (never
+pulled: the kubelet maps the pod's command to a local program)."""
+
+
 class OperatorProcess:
     """``python -m dsm_operator.main -n <namespace>`` with its own log, metrics and liveness
-    endpoints on 127.0.0.1; node API calls limited to 127.0.0.0/8."""
+    endpoints on 127.0.0.1; node API calls limited to 127.0.0.0/8.
+
+    With ``image``, the operator runs from its image instead (podman, host network, read-only
+    root file system with an empty /tmp, UID 10002, no capabilities: as the chart runs it), with
+    a readable copy of the test kubeconfig mounted."""
 
     def __init__(
         self,
@@ -111,31 +121,82 @@ class OperatorProcess:
         namespace: str,
         log_path: Path,
         reconcile_interval: float = 1.0,
+        *,
+        image: str | None = None,
+        node_repository: str = PROCESS_NODE_REPOSITORY,
     ) -> None:
         self.kubeconfig = kubeconfig
         self.namespace = namespace
         self.log_path = log_path
         self.reconcile_interval = reconcile_interval
+        self.image = image
+        self.node_repository = node_repository
         self.metrics_port = free_port()
         self.liveness_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.container_name: str | None = None
 
-    def start(self, timeout: float = 60.0) -> OperatorProcess:
-        env = {
-            **os.environ,
-            "KUBECONFIG": str(self.kubeconfig),
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    def _settings(self) -> dict[str, str]:
+        return {
             "DSM_OPERATOR_RECONCILE_INTERVAL_SECONDS": str(self.reconcile_interval),
             "DSM_OPERATOR_NODE_API_NETWORKS": '["127.0.0.0/8"]',
             "DSM_OPERATOR_METRICS_PORT": str(self.metrics_port),
             "DSM_OPERATOR_METRICS_ADDRESS": "127.0.0.1",
             "DSM_OPERATOR_LIVENESS_ENDPOINT": f"http://127.0.0.1:{self.liveness_port}/healthz",
-            "DSM_OPERATOR_NODE_IMAGE_REPOSITORY": "registry.e2e.test/dsm-node",
+            "DSM_OPERATOR_NODE_IMAGE_REPOSITORY": self.node_repository,
         }
+
+    def _command(self) -> tuple[list[str], dict[str, str]]:
+        if self.image is None:
+            env = {
+                **os.environ,
+                "KUBECONFIG": str(self.kubeconfig),
+                "PYTHONPATH": os.pathsep.join(
+                    filter(None, [str(REPO), os.environ.get("PYTHONPATH")])
+                ),
+                **self._settings(),
+            }
+            argv = [sys.executable, "-m", "dsm_operator.main", "--namespace", self.namespace]
+            return argv, env
+        kubeconfig = containers.readable_copy(
+            self.kubeconfig, self.log_path.parent / "operator-kubeconfig", 10002, 10002
+        )
+        env = {"KUBECONFIG": "/var/run/dsm-e2e/kubeconfig/" + kubeconfig.name, **self._settings()}
+        self.container_name = f"dsm-e2e-operator-{os.getpid()}-{self.metrics_port}"
+        argv = containers.run_argv(
+            name=self.container_name,
+            image=self.image,
+            command=[],
+            args=["--namespace", self.namespace],
+            env=env,
+            mounts=[
+                (kubeconfig.parent, "/var/run/dsm-e2e/kubeconfig", True),
+                (self._empty_tmp(), "/tmp", False),
+            ],
+            security=containers.security_args(
+                {"runAsNonRoot": True, "runAsUser": 10002, "runAsGroup": 10002},
+                {
+                    "readOnlyRootFilesystem": True,
+                    "allowPrivilegeEscalation": False,
+                    "capabilities": {"drop": ["ALL"]},
+                },
+                containers.image_user(self.image),
+            ),
+        )
+        return argv, {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env}
+
+    def _empty_tmp(self) -> Path:
+        tmp = self.log_path.parent / f"operator-tmp-{self.metrics_port}"
+        tmp.mkdir(parents=True, exist_ok=True)
+        tmp.chmod(0o1777)  # an emptyDir
+        return tmp
+
+    def start(self, timeout: float = 60.0) -> OperatorProcess:
+        argv, env = self._command()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dsm_operator.main", "--namespace", self.namespace],
+                argv,
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
@@ -165,10 +226,15 @@ class OperatorProcess:
         if self.proc is None:
             return None
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            if self.container_name is not None:
+                containers.kill(self.container_name, "TERM")
+            else:
+                self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
+                if self.container_name is not None:
+                    containers.remove(self.container_name)
                 self.proc.kill()
                 self.proc.wait(10)
         return self.proc.returncode
@@ -202,6 +268,8 @@ class Manager:
     name: str = "mgr"
     extra_spec: dict[str, Any] = field(default_factory=dict)
     operator: OperatorProcess | None = None
+    runtime: str = "process"
+    """``process`` (local processes) or ``image`` (the images, in podman)."""
 
     @property
     def path(self) -> str:

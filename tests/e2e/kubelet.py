@@ -15,7 +15,9 @@ keeps its Lease and Ready condition fresh, and for every pod the scheduler binds
   and ``envFrom``;
 - runs the container's command (mapped through :attr:`MiniKubelet.commands`, e.g. ``dsm`` ->
   ``python -m dsm_node``) in a clean environment plus :attr:`MiniKubelet.extra_env` and
-  version rules (:meth:`MiniKubelet.add_env_rule`), one log file per process;
+  version rules (:meth:`MiniKubelet.add_env_rule`), one log file per process -- or, for a pod
+  whose image belongs to :attr:`MiniKubelet.container_images`, runs that image in podman with
+  the pod's environment, volumes and securityContext (:mod:`tests.e2e.containers`);
 - writes the pod status through the status subresource (phase, IPs, conditions,
   containerStatuses) with Ready driven by REALLY running the readiness probe (httpGet, HTTPS
   without verification, or tcpSocket); the startup probe gates readiness and liveness as in a
@@ -25,8 +27,9 @@ keeps its Lease and Ready condition fresh, and for every pod the scheduler binds
 - on deletion: SIGTERM, up to the grace period, SIGKILL, then deletes the pod with
   ``gracePeriodSeconds=0`` and a uid precondition, as a kubelet does.
 
-Not simulated (documented in docs/e2e.md): cgroups / resource limits, ``runAsUser`` (processes
-run as the test's user), image pulls (the ``image`` is ignored), init and sidecar containers
+Not simulated (documented in docs/e2e.md): cgroups / resource limits, ``runAsUser`` for local
+processes (they run as the test's user), image pulls (a local process ignores the ``image``; a
+container's image must be present), init and sidecar containers
 (only the first container runs), exec probes (count as success), emptyDir is a plain directory,
 projected / downward-API volumes. Probe periods are capped at :attr:`MiniKubelet.probe_period_cap`
 (1 s by default) so tests do not wait for 10 s probe periods; thresholds are honoured.
@@ -63,6 +66,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.e2e import containers
 from tests.e2e.kubeapi import ApiError, KubeApi
 
 log = logging.getLogger("e2e.kubelet")
@@ -189,6 +193,9 @@ class PodRunner:
     probes: dict[str, Probe] = field(default_factory=dict)
     last_status: dict[str, Any] | None = None
     gone: bool = False
+    container_name: str | None = None
+    """Set while the pod's container runs in podman (image mode); None for a local process."""
+    image_id: str = ""
 
     @property
     def container(self) -> dict[str, Any]:
@@ -219,6 +226,9 @@ class MiniKubelet:
         )
         self.commands: dict[str, list[str]] = {"dsm": [sys.executable, "-m", "dsm_node"]}
         """argv[0] of a container command -> the local argv prefix that replaces it."""
+        self.container_images: tuple[str, ...] = ()
+        """Image repositories (``localhost/dsm-node-e2e``) whose pods run as real containers
+        (podman, :mod:`tests.e2e.containers`); every other pod runs as a local process."""
         self.extra_env: dict[str, str] = {
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
             "DSM_JOB_MODULES": "tests.support.jobtypes",
@@ -274,6 +284,8 @@ class MiniKubelet:
             runners = list(self.runners.values())
         for r in runners:  # supervisor is gone; anything left is killed here
             self._kill(r)
+        if self.container_images:
+            containers.remove_mine()
         self._probes.shutdown(wait=False, cancel_futures=True)
         with contextlib.suppress(Exception):
             self.api.call("DELETE", f"/api/v1/nodes/{self.node_name}")
@@ -310,11 +322,20 @@ class MiniKubelet:
     def pid_of(self, namespace: str, pod: str) -> int | None:
         """The pid of the pod's running process, if any."""
         with self._lock:
-            for r in self.runners.values():
-                if r.namespace == namespace and r.name == pod and r.running:
-                    assert r.proc is not None
-                    return r.proc.pid
-        return None
+            runner = next(
+                (
+                    r
+                    for r in self.runners.values()
+                    if r.namespace == namespace and r.name == pod and r.running
+                ),
+                None,
+            )
+        if runner is None:
+            return None
+        if runner.container_name is not None:  # the container's main process, on the host
+            return containers.pid(runner.container_name)
+        assert runner.proc is not None
+        return runner.proc.pid
 
     def events_of(self, namespace: str) -> list[KubeletEvent]:
         with self._lock:
@@ -601,8 +622,7 @@ class MiniKubelet:
             r.restart_at = None
             self._event(r, "terminating", f"grace {grace} s")
             if r.running:
-                assert r.proc is not None
-                r.proc.send_signal(signal.SIGTERM)
+                self._terminate(r)
                 r.signalled = True
         if r.terminating_since is not None:
             if r.running and r.kill_deadline is not None and now >= r.kill_deadline:
@@ -646,10 +666,17 @@ class MiniKubelet:
 
     # -- processes ---------------------------------------------------------------------------
 
+    def _in_container(self, r: PodRunner) -> bool:
+        image = str(r.container.get("image", ""))
+        return any(image.startswith(repo + ":") for repo in self.container_images)
+
     def _spawn(self, r: PodRunner) -> None:
         try:
-            argv, env = self._container_process(r)
-        except ConfigError as e:
+            if self._in_container(r):
+                argv, env = self._container_run(r)
+            else:
+                argv, env = self._container_process(r)
+        except (ConfigError, containers.ContainerConfigError) as e:
             if r.config_error != str(e):
                 r.config_error = str(e)
                 self._event(r, "config-error", str(e))
@@ -678,11 +705,21 @@ class MiniKubelet:
         r.started = "startupProbe" not in r.probes
         for p in r.probes.values():
             p.due = time.monotonic() + float(p.spec.get("initialDelaySeconds", 0))
-        self._event(r, "spawned", f"pid {r.proc.pid} ip {r.ip} restart {r.restart_count}")
+        where = f"container {r.container_name}" if r.container_name else f"pid {r.proc.pid}"
+        self._event(r, "spawned", f"{where} ip {r.ip} restart {r.restart_count}")
+
+    def _terminate(self, r: PodRunner) -> None:
+        """SIGTERM to the container's main process (the node), as a kubelet's StopContainer."""
+        if r.container_name is not None:
+            containers.kill(r.container_name, "TERM")
+        elif r.proc is not None:
+            r.proc.send_signal(signal.SIGTERM)
 
     def _kill(self, r: PodRunner) -> None:
         proc = r.proc
         if proc is not None and proc.poll() is None:
+            if r.container_name is not None:  # `podman run` itself is only the client
+                containers.remove(r.container_name)
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -705,8 +742,10 @@ class MiniKubelet:
 
     # -- the container's process: command, env, volumes ---------------------------------------
 
-    def _materialize_volumes(self, r: PodRunner) -> dict[str, Path]:
-        """mountPath -> host directory."""
+    def _materialize_volumes(self, r: PodRunner, fs_group: int | None = None) -> dict[str, Path]:
+        """mountPath -> host directory. With ``fs_group`` (a container's pod), files belong to
+        that group with the volume's modes and emptyDirs are 0777, as a kubelet makes them;
+        otherwise (local processes, which run as us) files are readable by us."""
         ns = r.namespace
         volumes = {v["name"]: v for v in r.pod["spec"].get("volumes") or []}
         mounts: dict[str, Path] = {}
@@ -742,13 +781,54 @@ class MiniKubelet:
                     target.parent.mkdir(parents=True, exist_ok=True)
                     target.write_bytes(data[item["key"]])
                     mode = item.get("mode", src.get("defaultMode", 0o644))
-                    target.chmod(mode | 0o600)  # processes run as us, not runAsUser
+                    if fs_group is None:
+                        target.chmod(mode | 0o600)  # processes run as us, not runAsUser
+                    else:
+                        os.chown(target, 0, fs_group)
+                        target.chmod(mode)
+                if fs_group is not None:
+                    host.chmod(0o755)
             elif "emptyDir" in vol:
                 host.mkdir(parents=True, exist_ok=True)
+                if fs_group is not None:
+                    host.chmod(0o777)
             else:
                 raise ConfigError(f"volume type of {m['name']!r} is not simulated")
             mounts[m["mountPath"].rstrip("/")] = host
         return mounts
+
+    def _container_run(self, r: PodRunner) -> tuple[list[str], dict[str, str]]:
+        """``podman run`` of the pod's image (see :mod:`tests.e2e.containers`)."""
+        c = r.container
+        pod_context = r.pod["spec"].get("securityContext") or {}
+        image = str(c["image"])
+        if containers.podman("image", "exists", image, check=False).returncode != 0:
+            raise ConfigError(f"image {image} is not present (images are never pulled here)")
+        security = containers.security_args(
+            pod_context, c.get("securityContext") or {}, containers.image_user(image)
+        )
+        fs_group = pod_context.get("fsGroup")
+        mounts = self._materialize_volumes(r, int(fs_group) if fs_group is not None else 0)
+        env = self._resolve_env(r)
+        env["DSM_BIND_ADDRESS"] = r.ip  # host network: each pod binds only its own address
+        read_only = {
+            m["mountPath"].rstrip("/"): bool(m.get("readOnly")) for m in c.get("volumeMounts") or []
+        }
+        if r.container_name is not None:
+            containers.remove(r.container_name)  # the previous run of a restarted container
+        r.container_name = f"{r.namespace}-{r.name}-{r.uid[:8]}-{r.restart_count}"
+        r.image_id = containers.image_id(image)
+        argv = containers.run_argv(
+            name=r.container_name,
+            image=image,
+            command=[_expand(a, env) for a in c.get("command") or []],
+            args=[_expand(a, env) for a in c.get("args") or []],
+            env=env,
+            mounts=[(host, path, read_only.get(path, False)) for path, host in mounts.items()],
+            security=security,
+        )
+        # podman reads the values of `--env NAME` from its own environment
+        return argv, {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env}
 
     def _container_process(self, r: PodRunner) -> tuple[list[str], dict[str, str]]:
         mounts = self._materialize_volumes(r)
@@ -759,6 +839,33 @@ class MiniKubelet:
                     return str(host) + value[len(mount_path) :]
             return value
 
+        env = {k: rewrite(v) for k, v in self._resolve_env(r).items()}
+        for match, extra in self._env_rules:
+            if all(env.get(k) == v for k, v in match.items()):
+                env.update(extra)
+        env.update(self.extra_env)
+        env["DSM_BIND_ADDRESS"] = r.ip  # never 0.0.0.0: each pod binds only its own address
+        base = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(r.workdir),
+            "LANG": os.environ.get("LANG", "C.UTF-8"),
+            "HOSTNAME": r.name,
+        }
+        full_env = {**base, **env}
+
+        c = r.container
+        command = [_expand(a, env) for a in c.get("command") or []]
+        args = [_expand(a, env) for a in c.get("args") or []]
+        argv = command + args
+        if not argv:
+            raise ConfigError("container without command: images are not simulated")
+        prefix = self.commands.get(argv[0])
+        if prefix is None:
+            raise ConfigError(f"no local program for command {argv[0]!r}")
+        return [*prefix, *(rewrite(a) for a in argv[1:])], full_env
+
+    def _resolve_env(self, r: PodRunner) -> dict[str, str]:
+        """The container's ``envFrom`` and ``env``, resolved as a kubelet does."""
         env: dict[str, str] = {}
         c = r.container
         for src in c.get("envFrom") or []:
@@ -777,29 +884,7 @@ class MiniKubelet:
                     env[item["name"]] = value
             else:
                 env[item["name"]] = ""
-        env = {k: rewrite(v) for k, v in env.items()}
-        for match, extra in self._env_rules:
-            if all(env.get(k) == v for k, v in match.items()):
-                env.update(extra)
-        env.update(self.extra_env)
-        env["DSM_BIND_ADDRESS"] = r.ip  # never 0.0.0.0: each pod binds only its own address
-        base = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "HOME": str(r.workdir),
-            "LANG": os.environ.get("LANG", "C.UTF-8"),
-            "HOSTNAME": r.name,
-        }
-        full_env = {**base, **env}
-
-        command = [_expand(a, env) for a in c.get("command") or []]
-        args = [_expand(a, env) for a in c.get("args") or []]
-        argv = command + args
-        if not argv:
-            raise ConfigError("container without command: images are not simulated")
-        prefix = self.commands.get(argv[0])
-        if prefix is None:
-            raise ConfigError(f"no local program for command {argv[0]!r}")
-        return [*prefix, *(rewrite(a) for a in argv[1:])], full_env
+        return env
 
     def _object_data(self, namespace: str, kind: str, ref: Mapping[str, Any]) -> dict[str, str]:
         obj = self.api.get(f"/api/v1/namespaces/{namespace}/{kind}/{ref['name']}")
@@ -925,7 +1010,7 @@ class MiniKubelet:
         for p in r.probes.values():
             p.successes = p.failures = 0
         if r.proc is not None and r.proc.poll() is None and r.kill_deadline is None:
-            r.proc.send_signal(signal.SIGTERM)  # the exit is then handled like any other
+            self._terminate(r)  # the exit is then handled like any other
             grace = float(r.pod["spec"].get("terminationGracePeriodSeconds", 30))
             r.kill_deadline = time.monotonic() + grace
 
@@ -949,8 +1034,14 @@ class MiniKubelet:
         container_status = {
             "name": c["name"],
             "image": c.get("image", ""),
-            "imageID": "",
-            "containerID": f"local://{r.proc.pid}" if r.proc is not None else "",
+            "imageID": r.image_id,
+            "containerID": (
+                f"podman://{r.container_name}"
+                if r.container_name
+                else f"local://{r.proc.pid}"
+                if r.proc is not None
+                else ""
+            ),
             "ready": r.ready,
             "started": r.started and r.running,
             "restartCount": r.restart_count,

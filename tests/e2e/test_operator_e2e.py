@@ -15,11 +15,13 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from dsm_node.db import migrating
+from tests.e2e import containers
 from tests.e2e.harness import (
     V2_MIGRATIONS,
     JobProducer,
@@ -73,6 +75,11 @@ def launch(manager: Manager, kubelet: MiniKubelet, nodes: int) -> None:
     )
 
 
+RUNTIMES = pytest.mark.parametrize("manager", ["process", "image"], indirect=True)
+"""Run a test twice: nodes and operator as local processes, then from their images in podman."""
+
+
+@RUNTIMES
 def test_three_nodes_come_up_one_at_a_time(manager: Manager, kubelet: MiniKubelet) -> None:
     launch(manager, kubelet, 3)
 
@@ -110,7 +117,44 @@ def test_three_nodes_come_up_one_at_a_time(manager: Manager, kubelet: MiniKubele
     assert concurrent_starts(events) == []
     # every process ran once: no restarts, no kills
     assert [e.pod for e in events if e.kind == "spawned"] == ["mgr-0", "mgr-1", "mgr-2"]
+    assert_runtime(manager, kubelet)
     assert kubelet.errors == []
+
+
+def assert_runtime(manager: Manager, kubelet: MiniKubelet) -> None:
+    """The nodes really ran the way the test says: from the node image in podman, as the pod's
+    user, or as local processes."""
+    for pod in manager.pods():
+        container = pod["status"]["containerStatuses"][0]
+        pid = kubelet.pid_of(manager.namespace, pod["metadata"]["name"])
+        assert pid is not None
+        uids = next(
+            line.split()[1:]
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+            if line.startswith("Uid:")
+        )
+        if manager.runtime == "image":
+            assert container["containerID"].startswith("podman://"), container
+            assert container["image"].startswith("localhost/dsm-node-e2e:"), container
+            assert container["imageID"], container
+            assert set(uids) == {"10001"}, uids  # runAsUser of the pod's securityContext
+            name = container["containerID"].removeprefix("podman://")
+            read_only = containers.podman(
+                "inspect", "--format", "{{.HostConfig.ReadonlyRootfs}}", name
+            ).stdout.strip()
+            assert read_only == "true", f"{name}: read-only root {read_only}"
+        else:
+            assert container["containerID"].startswith("local://"), container
+    operator = manager.operator
+    assert operator is not None
+    if manager.runtime == "image":  # the operator too, as the chart runs it (UID 10002)
+        assert operator.container_name is not None
+        pid = containers.pid(operator.container_name)
+        assert pid is not None
+        status = Path(f"/proc/{pid}/status").read_text()
+        assert "\nUid:\t10002\t10002\t10002\t10002\n" in status
+    else:
+        assert operator.container_name is None
 
 
 class Observer(threading.Thread):
@@ -149,6 +193,7 @@ class Observer(threading.Thread):
         self.join(timeout=10)
 
 
+@RUNTIMES
 def test_upgrade_takes_over_one_node_at_a_time_and_loses_no_job(
     manager: Manager, kubelet: MiniKubelet
 ) -> None:
@@ -196,6 +241,10 @@ def test_upgrade_takes_over_one_node_at_a_time_and_loses_no_job(
         or UPGRADE_REQUIRED in observer.resource["mgr-1"]
     ), seen
     assert manager.db_nodes() == {n: ("online", "0.2.0") for n in ("mgr-0", "mgr-1", "mgr-2")}
+    assert_runtime(manager, kubelet)
+    if manager.runtime == "image":  # every pod now runs the 0.2.0 image, which brought 0003
+        images = {p["status"]["containerStatuses"][0]["image"] for p in manager.pods()}
+        assert images == {"localhost/dsm-node-e2e:0.2.0"}, images
     ready = manager.condition("Ready")
     assert ready["status"] == "True", ready
     assert manager.condition("Degraded")["status"] == "False"
@@ -291,10 +340,17 @@ def test_a_killed_node_is_restarted_in_its_pod_and_rejoins(
 
     container = wait_for(restarted, 120, "mgr-1 restarted in place")
     assert container["lastState"]["terminated"]["exitCode"] == 137
+    # The new process Ready first: right after the restart the resource's status may still be
+    # the one from before the kill (the operator has not yet seen the pod turn unready), so
+    # all_online alone can hold while the new process is still starting.
     wait_for(
         lambda: (
-            manager.all_online(2, "0.1.0")
+            any(
+                e.pod == "mgr-1" and e.kind == "ready" and e.at >= killed_at
+                for e in kubelet.events_of(manager.namespace)
+            )
             and kubelet.pid_of(manager.namespace, "mgr-1") not in (None, pid)
+            and manager.all_online(2, "0.1.0")
         ),
         120,
         "mgr-1 Online again",

@@ -35,6 +35,7 @@ NEEDED = [
     ("patch", "poddisruptionbudgets.policy"),
     ("delete", "poddisruptionbudgets.policy"),
     ("patch", "servicemonitors.monitoring.coreos.com"),
+    ("patch", "prometheusrules.monitoring.coreos.com"),
 ]
 
 

@@ -421,25 +421,28 @@ def test_children_default() -> None:
         "Service/mgr-lb",
         "PodDisruptionBudget/mgr",
         "ServiceMonitor/mgr",
+        "PrometheusRule/mgr",
         "StatefulSet/mgr",
     ]
 
 
 def test_children_without_the_monitoring_api() -> None:
     assert "ServiceMonitor/mgr" not in kinds(spec(), sm=False)
+    assert "PrometheusRule/mgr" not in kinds(spec(), sm=False)
 
 
 def test_children_minimal() -> None:
     s = spec(
         loadBalancer={"enabled": False},
         podDisruptionBudget={"enabled": False},
-        monitoring={"serviceMonitor": False},
+        monitoring={"serviceMonitor": False, "prometheusRule": False},
     )
     assert kinds(s) == ["ServiceAccount/mgr-node", "Service/mgr-nodes", "StatefulSet/mgr"]
     assert {k for _, k, _ in manifests.unwanted_children(s, OWNER)} == {
         "Service",
         "PodDisruptionBudget",
         "ServiceMonitor",
+        "PrometheusRule",
     }
 
 

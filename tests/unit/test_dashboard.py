@@ -1,4 +1,5 @@
-"""The Grafana dashboard only uses metrics the node really exports."""
+"""The Grafana dashboard only uses series the node really exports, with the right suffix for each
+metric's type, and the node's metrics follow the Prometheus naming conventions."""
 
 from __future__ import annotations
 
@@ -6,32 +7,88 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
 from dsm_node import metrics
 
 DASHBOARD = Path(__file__).parents[2] / "monitoring" / "grafana-dashboard.json"
+SUFFIXES = {
+    "counter": ("_total",),
+    "gauge": ("",),
+    "histogram": ("_bucket", "_count", "_sum"),
+    "summary": ("_count", "_sum", ""),
+    "info": ("_info",),
+}
 
 
-def exported_names() -> set[str]:
+def series_names(registry: CollectorRegistry) -> set[str]:
+    """Every series name a scrape of ``registry`` can contain, by each family's type (not every
+    suffix for every family: ``dsm_queue_depth_total`` or ``dsm_jobs_bucket`` must not pass)."""
     names = set()
-    for family in metrics.REGISTRY.collect():
-        for sample in family.samples:
-            names.add(sample.name)
-        names.add(family.name)
-        names |= {family.name + s for s in ("_total", "_bucket", "_count", "_sum")}
+    for family in registry.collect():
+        names |= {family.name + suffix for suffix in SUFFIXES[family.type]}
     return names
 
 
-def test_every_dashboard_metric_is_exported() -> None:
+def dashboard_metrics() -> set[str]:
     dash = json.loads(DASHBOARD.read_text())
-    used = {
+    return {
         m
         for panel in dash["panels"]
         for target in panel["targets"]
         for m in re.findall(r"\b(dsm_[a-z_]+)", target["expr"])
     }
+
+
+def test_every_dashboard_metric_is_exported() -> None:
+    used = dashboard_metrics()
     assert used, "the dashboard queries no dsm metric"
-    missing = used - exported_names()
-    assert not missing, f"dashboard uses metrics the node does not export: {sorted(missing)}"
+    missing = used - series_names(metrics.REGISTRY)
+    assert not missing, f"dashboard uses series the node does not export: {sorted(missing)}"
+
+
+@pytest.mark.parametrize(
+    ("expr_metric", "declare"),
+    [
+        ("dsm_probe_total", lambda r: Gauge("dsm_probe", "a gauge", registry=r)),
+        ("dsm_probe", lambda r: Counter("dsm_probe", "a counter", registry=r)),
+        ("dsm_probe_bucket", lambda r: Gauge("dsm_probe", "a gauge", registry=r)),
+        ("dsm_probe_seconds_total", lambda r: Histogram("dsm_probe_seconds", "h", registry=r)),
+    ],
+)
+def test_a_wrong_suffix_for_the_metric_type_is_not_exported(expr_metric, declare) -> None:  # type: ignore[no-untyped-def]
+    registry = CollectorRegistry()
+    declare(registry)
+    assert expr_metric not in series_names(registry)
+
+
+def test_series_names_agree_with_a_real_scrape() -> None:
+    registry = CollectorRegistry()
+    Counter("dsm_c", "c", ["t"], registry=registry).labels("x").inc()
+    Gauge("dsm_g_seconds", "g", registry=registry).set(1)
+    Histogram("dsm_h_seconds", "h", registry=registry).observe(1)
+    scraped = {
+        line.split("{")[0].split(" ")[0]
+        for line in generate_latest(registry).decode().splitlines()
+        if line and not line.startswith("#")
+    }
+    assert scraped == series_names(registry)
+
+
+def test_node_metrics_follow_the_conventions() -> None:
+    scrape = generate_latest(metrics.REGISTRY).decode()
+    families = {f.name: f for f in metrics.REGISTRY.collect()}
+    dsm = {n: f for n, f in families.items() if n.startswith("dsm_")}
+    assert "_created" not in scrape
+    assert "process_resident_memory_bytes" in scrape and "process_open_fds" in scrape
+    assert "python_gc_objects_collected_total" in scrape
+    for name, family in dsm.items():
+        if family.type == "histogram":
+            assert name.endswith("_seconds"), name  # every histogram here measures time
+        if family.type == "gauge" and ("age" in name or "skew" in name or "threshold" in name):
+            assert name.endswith("_seconds"), name
+    assert {n for n, f in dsm.items() if f.type == "counter"} >= {"dsm_jobs", "dsm_takeovers"}
 
 
 def test_panels_have_unique_ids_and_titles() -> None:

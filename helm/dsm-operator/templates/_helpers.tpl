@@ -76,6 +76,6 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   resources: [poddisruptionbudgets]
   verbs: [get, list, watch, create, patch, update, delete]
 - apiGroups: [monitoring.coreos.com]
-  resources: [servicemonitors]
+  resources: [servicemonitors, prometheusrules]
   verbs: [get, list, watch, create, patch, update, delete]
 {{- end }}

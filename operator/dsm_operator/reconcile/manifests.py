@@ -17,7 +17,7 @@ import hashlib
 import math
 from typing import Any
 
-from dsm_operator.reconcile import names
+from dsm_operator.reconcile import alerting, names
 from dsm_operator.reconcile.specs import ManagerSpec, Owner, SecretInputs
 
 Manifest = dict[str, Any]
@@ -155,10 +155,14 @@ def _volumes(spec: ManagerSpec, owner: Owner) -> tuple[list[Manifest], list[Mani
                 "defaultMode": 0o440,
             },
         },
+        # The root file system is read-only; the node's only write is its generated
+        # self-signed certificate, under $TMPDIR.
+        {"name": "tmp", "emptyDir": {"sizeLimit": "16Mi"}},
     ]
     mounts: list[Manifest] = [
         {"name": "local-secret", "mountPath": names.LOCAL_SECRET_DIR, "readOnly": True},
         {"name": "api-key", "mountPath": names.API_KEY_DIR, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
     ]
     if spec.tls is not None:
         volumes.append(
@@ -206,6 +210,7 @@ def pod_template(
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
             "runAsNonRoot": True,
         },
     }
@@ -384,6 +389,25 @@ def service_monitor(spec: ManagerSpec, owner: Owner) -> Manifest | None:
     }
 
 
+def prometheus_rule(spec: ManagerSpec, owner: Owner) -> Manifest | None:
+    """The alert rules (``alerting``), narrowed to this resource's nodes and operator metrics.
+
+    Applied when the ServiceMonitor API exists: the Prometheus Operator always installs the
+    ServiceMonitor and PrometheusRule CRDs together. Labelled like the ServiceMonitor, so that the
+    same Prometheus ``ruleSelector`` finds it."""
+    if not spec.monitoring.prometheus_rule:
+        return None
+    metadata = _metadata(owner, names.service_monitor_name(owner.name), "monitoring")
+    metadata["labels"] = {**spec.monitoring.labels, **metadata["labels"]}
+    service = names.headless_service_name(owner.name)
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": metadata,
+        "spec": {"groups": alerting.rule_groups(owner.namespace, service, owner.name)},
+    }
+
+
 def service_account(owner: Owner) -> Manifest:
     """The nodes' identity. Nodes need no Kubernetes API access (they coordinate through the
     database), so no Role is bound and no token is mounted; a dedicated account keeps them from
@@ -427,6 +451,7 @@ def children(
         load_balancer_service(spec, owner),
         pod_disruption_budget(spec, owner),
         service_monitor(spec, owner) if service_monitor_api else None,
+        prometheus_rule(spec, owner) if service_monitor_api else None,
         statefulset(
             spec,
             owner,
@@ -448,6 +473,10 @@ def unwanted_children(spec: ManagerSpec, owner: Owner) -> list[tuple[str, str, s
     if not spec.monitoring.service_monitor:
         result.append(
             ("monitoring.coreos.com/v1", "ServiceMonitor", names.service_monitor_name(owner.name))
+        )
+    if not spec.monitoring.prometheus_rule:
+        result.append(
+            ("monitoring.coreos.com/v1", "PrometheusRule", names.service_monitor_name(owner.name))
         )
     return result
 

@@ -79,6 +79,7 @@ class PodDisruptionBudget(_Model):
 
 class Monitoring(_Model):
     service_monitor: bool = True
+    prometheus_rule: bool = True
     interval: str = "30s"
     labels: dict[str, str] = Field(default_factory=dict)
 
