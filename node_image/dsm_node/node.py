@@ -374,7 +374,7 @@ class Node:
                     "heartbeat waiting on the database for %.1f s", loop.time() - beat_started
                 )
             age = self.heartbeat_age() or 0.0
-            metrics.observe_heartbeat(age, interval, threshold)
+            metrics.observe_heartbeat(age, t.heartbeat_interval, t.offline_threshold)
             if self.phase in ("upgrade_required", "decommissioned"):
                 pass  # already working on nothing
             elif not self._fenced and age > t.fence_after:
