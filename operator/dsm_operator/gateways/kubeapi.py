@@ -10,6 +10,7 @@ and leaves everything else (other controllers' fields, user annotations) alone.
 from __future__ import annotations
 
 import base64
+import importlib.metadata
 import logging
 import os
 import threading
@@ -24,6 +25,15 @@ from dsm_operator.reconcile import names
 logger = logging.getLogger(__name__)
 
 
+def user_agent() -> str:
+    """``dsm-operator/<version>``: names the operator in the API server's audit log."""
+    try:
+        version = importlib.metadata.version("dsm")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    return f"{names.USER_AGENT}/{version}"
+
+
 class KubeGateway:
     def __init__(self, api_client: Any | None = None) -> None:
         if api_client is None:
@@ -35,6 +45,7 @@ class KubeGateway:
                     config_file=os.environ.get("KUBECONFIG")
                 )
             api_client = client.ApiClient()
+        api_client.user_agent = user_agent()
         self._api_client = api_client
         self._client = dynamic.DynamicClient(api_client)  # type: ignore[no-untyped-call]
         self._lock = threading.Lock()

@@ -21,6 +21,9 @@ FINALIZER: Final = f"{OPERATOR_DOMAIN}/finalizer"
 ANNOTATION_PREFIX: Final = OPERATOR_DOMAIN
 CONFIG_HASH_ANNOTATION: Final = f"{OPERATOR_DOMAIN}/config-hash"
 FIELD_MANAGER: Final = "dsm-operator"
+#: Prefix of the User-Agent of every request the operator's gateway sends, so that an audit log
+#: (and the tests, which read one) can tell the operator's own requests from everyone else's.
+USER_AGENT: Final = "dsm-operator"
 
 # Labels (the recommended app.kubernetes.io set).
 LABEL_NAME: Final = "app.kubernetes.io/name"
