@@ -26,9 +26,17 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from dsm_operator import metrics
-from dsm_operator.gateways import nodeapi
+from dsm_operator.gateways import kubeapi, nodeapi
 from dsm_operator.gateways.kubeapi import KubeGateway
-from dsm_operator.reconcile import conditions, manifests, names, observations, planning, statuses
+from dsm_operator.reconcile import (
+    conditions,
+    manifests,
+    names,
+    observations,
+    ownership,
+    planning,
+    statuses,
+)
 from dsm_operator.reconcile.specs import ManagerSpec, Owner, SecretInputs
 from dsm_operator.settings import OperatorSettings
 
@@ -51,8 +59,17 @@ class PassResult:
     plan: planning.Plan | None
 
 
-class SecretProblem(Exception):
-    """A Secret the pods need is missing or lacks its key."""
+class Blocked(Exception):
+    """The pass cannot act: a Secret is missing, a child's name is taken by an object that is
+    not ours, or the API server refused a write. Reported as ``Degraded`` and an Event."""
+
+    def __init__(self, reason: conditions.Reason, message: str) -> None:
+        super().__init__(message)
+        self.blocker = statuses.Blocker(reason, message)
+
+
+def _secret_problem(message: str) -> Blocked:
+    return Blocked(conditions.Reason.SECRET_NOT_FOUND, message)
 
 
 def _now() -> datetime.datetime:
@@ -65,9 +82,9 @@ async def _secret_inputs(ctx: Context, spec: ManagerSpec, owner: Owner) -> Secre
     async def value(name: str, key: str, what: str) -> bytes:
         data = await asyncio.to_thread(kube.secret_data, owner.namespace, name)
         if data is None:
-            raise SecretProblem(f"{what}: Secret {name!r} not found")
+            raise _secret_problem(f"{what}: Secret {name!r} not found")
         if key not in data:
-            raise SecretProblem(f"{what}: Secret {name!r} has no key {key!r}")
+            raise _secret_problem(f"{what}: Secret {name!r} has no key {key!r}")
         return data[key]
 
     db = spec.database.secret_ref
@@ -77,10 +94,10 @@ async def _secret_inputs(ctx: Context, spec: ManagerSpec, owner: Owner) -> Secre
         name = spec.tls.secret_ref.name
         data = await asyncio.to_thread(kube.secret_data, owner.namespace, name)
         if data is None:
-            raise SecretProblem(f"spec.tls.secretRef: Secret {name!r} not found")
+            raise _secret_problem(f"spec.tls.secretRef: Secret {name!r} not found")
         missing = {"tls.crt", "tls.key"} - set(data)
         if missing:
-            raise SecretProblem(f"spec.tls.secretRef: Secret {name!r} lacks {sorted(missing)}")
+            raise _secret_problem(f"spec.tls.secretRef: Secret {name!r} lacks {sorted(missing)}")
         tls = {k: v for k, v in data.items() if k in ("tls.crt", "tls.key", "ca.crt")}
     return SecretInputs(
         database_url=await value(db.name, db.key, "spec.database.secretRef"),
@@ -91,40 +108,117 @@ async def _secret_inputs(ctx: Context, spec: ManagerSpec, owner: Owner) -> Secre
 
 
 async def _api_key(ctx: Context, owner: Owner) -> bytes:
-    """The bootstrap API key, created (random, once) when its Secret does not exist."""
+    """The bootstrap API key, created (random, once) when its Secret does not exist. A Secret of
+    that name that is not ours is neither read nor mounted: it blocks the pass."""
     name = names.api_key_secret_name(owner.name)
-    data = await asyncio.to_thread(ctx.kube.secret_data, owner.namespace, name)
-    if data and data.get(names.API_KEY_SECRET_KEY):
+    for _attempt in range(2):
+        body = await asyncio.to_thread(ctx.kube.get, "v1", "Secret", owner.namespace, name)
+        if body is None:
+            key = secrets.token_urlsafe(32)
+            created = await _write(ctx, owner, manifests.api_key_secret(owner, key), None)
+            if created:
+                ctx.event("Normal", "ApiKeyCreated", f"created the bootstrap API key Secret {name}")
+                return key.encode()
+            continue  # the name was taken meanwhile: look at what took it
+        found = ownership.conflict(body, "Secret", owner.uid)
+        if found is not None:
+            raise Blocked(conditions.Reason.OWNERSHIP_CONFLICT, found.message)
+        data = await asyncio.to_thread(ctx.kube.secret_data, owner.namespace, name)
+        if not data or not data.get(names.API_KEY_SECRET_KEY):
+            raise _secret_problem(
+                f"Secret {name!r} exists but has no key {names.API_KEY_SECRET_KEY!r}"
+            )
         return data[names.API_KEY_SECRET_KEY]
-    key = secrets.token_urlsafe(32)
-    created = await asyncio.to_thread(ctx.kube.create, manifests.api_key_secret(owner, key))
-    if created:
-        ctx.event("Normal", "ApiKeyCreated", f"created the bootstrap API key Secret {name}")
-        return key.encode()
-    data = await asyncio.to_thread(ctx.kube.secret_data, owner.namespace, name)
-    if not data or not data.get(names.API_KEY_SECRET_KEY):
-        raise SecretProblem(f"Secret {name!r} exists but has no key {names.API_KEY_SECRET_KEY!r}")
-    return data[names.API_KEY_SECRET_KEY]
+    raise Blocked(conditions.Reason.OWNERSHIP_CONFLICT, f"Secret {name} keeps changing hands")
+
+
+async def _write(
+    ctx: Context, owner: Owner, manifest: dict[str, Any], live: dict[str, Any] | None
+) -> bool:
+    """Create ``manifest`` (``live`` is None) or apply it to ``live``, which must be ours.
+    ``False`` when a create found the name taken. A refused write blocks the pass."""
+    try:
+        if live is None:
+            return await asyncio.to_thread(ctx.kube.create, manifest) is not None
+        await asyncio.to_thread(ctx.kube.apply, ownership.pinned(manifest, live))
+        return True
+    except kubeapi.Refused as exc:
+        raise Blocked(conditions.Reason.APPLY_FAILED, str(exc)) from exc
+
+
+async def _live(ctx: Context, owner: Owner, manifest: dict[str, Any]) -> dict[str, Any] | None:
+    meta = manifest["metadata"]
+    return await asyncio.to_thread(
+        ctx.kube.get, manifest["apiVersion"], manifest["kind"], owner.namespace, meta["name"]
+    )
 
 
 async def _apply_children(
     ctx: Context, spec: ManagerSpec, owner: Owner, replicas: int, secrets_hash: str
-) -> None:
+) -> bool:
+    """Write every child; ``True`` when this pass created the StatefulSet.
+
+    Every child's name is checked first: if any is taken by an object that is not ours, nothing
+    is written at all (``Blocked``). Children the spec switched off are deleted only if ours.
+    """
     sm_api = await asyncio.to_thread(ctx.kube.service_monitor_api)
-    for manifest in manifests.children(
+    wanted = manifests.children(
         spec,
         owner,
         replicas=replicas,
         default_repository=ctx.settings.node_image_repository,
         secrets_hash=secrets_hash,
         service_monitor_api=sm_api,
-    ):
-        await asyncio.to_thread(ctx.kube.apply, manifest)
+    )
+    live = [await _live(ctx, owner, m) for m in wanted]
+    conflicts = [
+        found
+        for manifest, body in zip(wanted, live, strict=True)
+        if body is not None
+        and (found := ownership.conflict(body, manifest["kind"], owner.uid)) is not None
+    ]
+    if conflicts:
+        raise Blocked(conditions.Reason.OWNERSHIP_CONFLICT, "; ".join(c.message for c in conflicts))
+    created_statefulset = False
+    for manifest, body in zip(wanted, live, strict=True):
+        if not await _write(ctx, owner, manifest, body):
+            raise Blocked(
+                conditions.Reason.OWNERSHIP_CONFLICT,
+                f"{manifest['kind']} {manifest['metadata']['name']} was created by someone "
+                "else while the operator was creating it",
+            )
+        if body is None and manifest["kind"] == "StatefulSet":
+            created_statefulset = True
     for api_version, kind, name in manifests.unwanted_children(spec, owner):
         if api_version.startswith("monitoring.coreos.com") and not sm_api:
             continue
-        if await asyncio.to_thread(ctx.kube.delete, api_version, kind, owner.namespace, name):
+        body = await asyncio.to_thread(ctx.kube.get, api_version, kind, owner.namespace, name)
+        if body is None or not ownership.is_ours(body, owner.uid):
+            continue  # not there, or somebody else's: never ours to delete
+        uid = ownership.uid_of(body)
+        if await asyncio.to_thread(ctx.kube.delete, api_version, kind, owner.namespace, name, uid):
             ctx.event("Normal", "ChildDeleted", f"deleted {kind} {name} (switched off in spec)")
+    return created_statefulset
+
+
+async def _scale(
+    ctx: Context, spec: ManagerSpec, owner: Owner, replicas: int, secrets_hash: str
+) -> None:
+    """Set the StatefulSet's replicas (the planner's one step), if it is still ours."""
+    manifest = manifests.statefulset(
+        spec,
+        owner,
+        replicas=replicas,
+        image=manifests.node_image(spec, ctx.settings.node_image_repository),
+        secrets_hash=secrets_hash,
+    )
+    live = await _live(ctx, owner, manifest)
+    if live is None or not ownership.is_ours(live, owner.uid):
+        raise Blocked(
+            conditions.Reason.OWNERSHIP_CONFLICT,
+            f"StatefulSet {manifest['metadata']['name']} is gone or no longer ours",
+        )
+    await _write(ctx, owner, manifest, live)
 
 
 def _targets(ctx: Context, owner: Owner, pods: list[planning.PodState]) -> list[nodeapi.Target]:
@@ -210,32 +304,20 @@ async def _reconcile(
         now=now,
         statefulset=observations.set_state(sts_body),
         pods=pods,
+        launch=statuses.launch_of(status_body),
     )
 
     try:
         inputs = await _secret_inputs(ctx, spec, owner)
-    except SecretProblem as exc:
-        obs = statuses.Observation(
-            cr_name=name,
-            generation=generation,
-            spec=spec,
-            world=world,
-            plan=planning.plan(dataclasses.replace(world, paused=True), name),
-            secret_problem=str(exc),
-        )
-        new = statuses.build(obs, status_body)
-        if statuses.changed(status_body, new):
-            ctx.event("Warning", conditions.Reason.SECRET_NOT_FOUND, str(exc))
-            return PassResult(new, None)
-        return PassResult(None, None)
-
-    # 2. Children, with the StatefulSet at its current size (the planner changes it below).
-    current = world.statefulset
-    replicas = current.replicas if current else planning.initial_replicas(spec.nodes)
-    secrets_hash = manifests.config_hash(inputs)
-    await _apply_children(ctx, spec, owner, replicas, secrets_hash)
-    if current is None:
-        ctx.event("Normal", "Created", f"created StatefulSet {sts_name} with {replicas} node")
+        # 2. Children, with the StatefulSet at its current size (the planner changes it below).
+        current = world.statefulset
+        replicas = current.replicas if current else planning.initial_replicas(spec.nodes)
+        secrets_hash = manifests.config_hash(inputs)
+        if await _apply_children(ctx, spec, owner, replicas, secrets_hash):
+            ctx.event("Normal", "Created", f"created StatefulSet {sts_name} with {replicas} node")
+            world = dataclasses.replace(world, launch=planning.initial_launch(name, now))
+    except Blocked as exc:
+        return _blocked(ctx, exc.blocker, name, generation, spec, world, status_body)
 
     # 3. Observe again after the apply (a template change bumps the generation).
     sts_body = await asyncio.to_thread(kube.get, "apps/v1", "StatefulSet", namespace, sts_name)
@@ -268,7 +350,10 @@ async def _reconcile(
     previous_degraded = conditions.find(status_body.get("conditions"), conditions.Type.DEGRADED)
     if action.kind in (planning.Kind.SCALE_UP, planning.Kind.SCALE_DOWN):
         assert action.replicas is not None
-        await _apply_children(ctx, spec, owner, action.replicas, secrets_hash)
+        try:
+            await _scale(ctx, spec, owner, action.replicas, secrets_hash)
+        except Blocked as exc:
+            return _blocked(ctx, exc.blocker, name, generation, spec, world, status_body)
         ctx.event("Normal", action.reason, action.message)
         metrics.ACTIONS.labels(namespace, name, action.kind).inc()
     elif action.kind is planning.Kind.REPLACE_POD:
@@ -281,6 +366,9 @@ async def _reconcile(
                 f"{action.message}; target version {spec.version}",
             )
             metrics.ACTIONS.labels(namespace, name, action.kind).inc()
+        else:
+            # Nothing was deleted: no launch began.
+            plan = dataclasses.replace(plan, launch=world.launch)
     elif action.kind is planning.Kind.STALLED and not (
         previous_degraded
         and previous_degraded.get("status") == "True"
@@ -357,9 +445,9 @@ async def _reconcile(
     _export(namespace, name, new)
     previous_rollout = status_body.get("rollout") or {}
     rollout = new.get("rollout") or {}
-    if rollout.get("state") == statuses.ROLLOUT_COMPLETE and previous_rollout.get("state") in (
-        statuses.ROLLOUT_IN_PROGRESS,
-        statuses.ROLLOUT_STALLED,
+    if rollout.get("state") == statuses.RolloutState.COMPLETE and previous_rollout.get("state") in (
+        statuses.RolloutState.IN_PROGRESS,
+        statuses.RolloutState.STALLED,
     ):
         ctx.event(
             "Normal",
@@ -368,7 +456,35 @@ async def _reconcile(
             f"(version {rollout.get('targetVersion')})",
         )
     ctx.logger.debug("plan for %s/%s: %s", namespace, name, action)
-    return PassResult(new if statuses.changed(status_body, new) else None, plan)
+    return PassResult(statuses.patch(status_body, new) or None, plan)
+
+
+def _blocked(
+    ctx: Context,
+    blocker: statuses.Blocker,
+    name: str,
+    generation: int,
+    spec: ManagerSpec,
+    world: planning.World,
+    status_body: dict[str, Any],
+) -> PassResult:
+    """The status of a pass that could not act, and a Warning Event when it is news."""
+    obs = statuses.Observation(
+        cr_name=name,
+        generation=generation,
+        spec=spec,
+        world=world,
+        plan=planning.plan(dataclasses.replace(world, paused=True), name),
+        blocked=blocker,
+    )
+    new = statuses.build(obs, status_body)
+    if "agentSettings" in status_body:
+        new["agentSettings"] = status_body["agentSettings"]
+    change = statuses.patch(status_body, new)
+    if change:
+        ctx.event("Warning", blocker.reason, blocker.message)
+        return PassResult(change, None)
+    return PassResult(None, None)
 
 
 def _export(namespace: str, name: str, status: Mapping[str, Any]) -> None:

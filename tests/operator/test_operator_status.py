@@ -235,11 +235,92 @@ def test_stalled_rollout_is_degraded() -> None:
 
 
 def test_secret_problem() -> None:
-    obs = observe([], replicas=0, secret_problem="Secret 'db' not found")
+    blocker = statuses.Blocker(conditions.Reason.SECRET_NOT_FOUND, "Secret 'db' not found")
+    obs = observe([], replicas=0, blocked=blocker)
     status = statuses.build(obs, None)
     assert cond(status, Type.DEGRADED)["reason"] == "SecretNotFound"
     assert cond(status, Type.READY)["status"] == "False"
     assert "Secret 'db'" in cond(status, Type.DEGRADED)["message"]
+
+
+@pytest.mark.parametrize(
+    "reason", [conditions.Reason.OWNERSHIP_CONFLICT, conditions.Reason.APPLY_FAILED]
+)
+def test_a_blocked_pass_is_not_ready_even_with_every_pod_ready(
+    reason: conditions.Reason,
+) -> None:
+    """The apply of this generation failed: the pods being Ready says nothing about it."""
+    ready = statuses.build(observe([pod(0), pod(1), pod(2)]), None)
+    assert cond(ready, Type.READY)["status"] == "True"
+    blocker = statuses.Blocker(reason, "apply StatefulSet m: 422 spec.template is invalid")
+    status = statuses.build(observe([pod(0), pod(1), pod(2)], generation=2, blocked=blocker), ready)
+    assert status["observedGeneration"] == 2
+    assert cond(status, Type.READY)["status"] == "False"
+    assert cond(status, Type.READY)["reason"] == reason
+    assert cond(status, Type.DEGRADED)["status"] == "True"
+    assert "422" in cond(status, Type.DEGRADED)["message"]
+    assert cond(status, Type.DEGRADED)["observedGeneration"] == 2
+
+
+# --- the status patch removes what no longer applies ------------------------------------------
+
+
+def test_patch_nulls_keys_that_are_gone_at_any_depth() -> None:
+    previous = {
+        "a": 1,
+        "rollout": {"state": "Complete", "finishedAt": "t1"},
+        "launch": {"pod": "x"},
+    }
+    new = {"a": 1, "rollout": {"state": "InProgress"}}
+    assert statuses.patch(previous, new) == {
+        "rollout": {"state": "InProgress", "finishedAt": None},
+        "launch": None,
+    }
+    assert statuses.patch(new, new) == {}
+
+
+def test_a_new_rollout_does_not_keep_the_previous_finish() -> None:
+    running = statuses.build(
+        observe([pod(0, "r2"), pod(1)], desired=2, replicas=2, revision="r2", replaced_pod="m-0"),
+        None,
+    )
+    done = statuses.build(
+        observe([pod(0, "r2"), pod(1, "r2")], desired=2, replicas=2, revision="r2", now=LATER),
+        running,
+    )
+    assert done["rollout"]["finishedAt"]
+    second = statuses.build(
+        observe([pod(0, "r2"), pod(1, "r2")], desired=2, replicas=2, revision="r3", now=LATER),
+        done,
+    )
+    change = statuses.patch(done, second)
+    # Written as a merge patch onto the old status, the result has no finishedAt.
+    written = _merge(done, change)
+    assert written["rollout"]["state"] == "InProgress"
+    assert "finishedAt" not in written["rollout"]
+    assert "lastReplacedPod" not in written["rollout"]
+    assert written["rollout"]["targetRevision"] == "r3"
+
+
+def _merge(target: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """RFC 7386 JSON merge patch, as the API server applies it."""
+    result = dict(target)
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        elif isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = _merge(result[key], value)
+        else:
+            result[key] = value
+    return result
+
+
+def test_the_launch_is_remembered_and_read_back() -> None:
+    status = statuses.build(observe([pod(0)], desired=2, replicas=1), None)
+    assert status["launch"] == {"pod": "m-1", "startedAt": "2026-01-01T00:00:00Z"}
+    assert statuses.launch_of(status) == planning.Launch("m-1", T0)
+    assert statuses.launch_of({}) is None
+    assert statuses.launch_of({"launch": {"pod": "m-1", "startedAt": "garbage"}}) is None
 
 
 def test_nodes_merge_pods_and_reports() -> None:

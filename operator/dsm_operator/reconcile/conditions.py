@@ -35,6 +35,8 @@ class Reason(enum.StrEnum):
     NODES_NOT_READY = "NodesNotReady"
     ROLLOUT_IN_PROGRESS = "RolloutInProgress"
     SECRET_NOT_FOUND = "SecretNotFound"
+    OWNERSHIP_CONFLICT = "OwnershipConflict"
+    APPLY_FAILED = "ApplyFailed"
     AS_EXPECTED = "AsExpected"
 
 
