@@ -363,3 +363,21 @@ def test_decommissioned_history_is_bounded(count: int) -> None:
         previous = statuses.build(observe([pod(0)], decommissioned=[f"m-{i + 1}"]), previous)
     assert len(previous["decommissioned"]) == min(count, statuses.DECOMMISSIONED_HISTORY)
     assert previous["decommissioned"][-1] == f"m-{count}"
+
+
+def test_rollout_completion_is_seen_once() -> None:
+    running = {"rollout": {"state": "InProgress"}}
+    stalled = {"rollout": {"state": "Stalled"}}
+    done = {"rollout": {"state": "Complete"}}
+    assert statuses.rollout_completed(running, done)
+    assert statuses.rollout_completed(stalled, done)
+    assert not statuses.rollout_completed(done, done)
+    assert not statuses.rollout_completed({}, done)
+    assert not statuses.rollout_completed(running, running)
+
+
+def test_a_condition_already_true_for_a_reason_is_old_news() -> None:
+    previous = [{"type": "Degraded", "status": "True", "reason": "RolloutStalled"}]
+    assert conditions.is_already(previous, Type.DEGRADED, Status.TRUE, "RolloutStalled")
+    assert not conditions.is_already(previous, Type.DEGRADED, Status.TRUE, "LaunchStalled")
+    assert not conditions.is_already(None, Type.DEGRADED, Status.TRUE, "RolloutStalled")

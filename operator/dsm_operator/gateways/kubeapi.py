@@ -60,6 +60,11 @@ def _refused(exc: exceptions.ApiException, what: str) -> Refused | None:
     return None
 
 
+def secret_values(secret: dict[str, Any]) -> dict[str, bytes]:
+    """The decoded ``data`` of a Secret body."""
+    return {k: base64.b64decode(v) for k, v in (secret.get("data") or {}).items()}
+
+
 def user_agent() -> str:
     """``dsm-operator/<version>``: names the operator in the API server's audit log."""
     try:
@@ -227,10 +232,7 @@ class KubeGateway:
     def secret_data(self, namespace: str, name: str) -> dict[str, bytes] | None:
         """The decoded data of a Secret, or ``None`` when it does not exist."""
         secret = self.get("v1", "Secret", namespace, name)
-        if secret is None:
-            return None
-        data = secret.get("data") or {}
-        return {k: base64.b64decode(v) for k, v in data.items()}
+        return None if secret is None else secret_values(secret)
 
     def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
         res = self._resource("v1", "Pod")

@@ -6,6 +6,7 @@ constant here, in the manner of CloudNativePG's in-pod paths and ports.
 
 from __future__ import annotations
 
+import enum
 from typing import Final
 
 GROUP: Final = "security.dsm.dev"
@@ -46,14 +47,24 @@ HEALTHZ_PATH: Final = "/healthz"
 READYZ_PATH: Final = "/readyz"
 METRICS_PATH: Final = "/metrics"
 NODES_PATH: Final = "/api/nodes"
+DECOMMISSION_PATH: Final = "/api/nodes/{name}/decommission"
 SETTINGS_PATH: Final = "/api/settings"
-STATUS_ONLINE: Final = "Online"
-STATUS_OFFLINE: Final = "Offline"
-STATUS_UPGRADE_REQUIRED: Final = "Offline (Upgrade Required)"
-STATUS_DECOMMISSIONED: Final = "Decommissioned"
+
+
+class NodeStatus(enum.StrEnum):
+    """A node's status as the managers report it (``GET /api/nodes``), spelled as administrators
+    see it. tests/operator/test_operator_node_contract.py ties it to the node's own enum."""
+
+    ONLINE = "Online"
+    OFFLINE = "Offline"
+    UPGRADE_REQUIRED = "Offline (Upgrade Required)"
+    DECOMMISSIONED = "Decommissioned"
+
+
+#: What ``status.nodes[].status`` says when no manager answered (the operator's, not a node's).
 STATUS_UNKNOWN: Final = "Unknown"
 #: Statuses in which a node may be decommissioned (the node answers 409 otherwise).
-OFFLINE_STATUSES: Final = frozenset({STATUS_OFFLINE, STATUS_UPGRADE_REQUIRED})
+OFFLINE_STATUSES: Final = frozenset({NodeStatus.OFFLINE, NodeStatus.UPGRADE_REQUIRED})
 
 # Mount points inside the node container.
 LOCAL_SECRET_DIR: Final = "/etc/dsm/local-secret"

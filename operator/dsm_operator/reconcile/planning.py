@@ -145,6 +145,12 @@ def initial_replicas(desired: int) -> int:
     return min(desired, 1)
 
 
+def not_carried_out(plan: Plan, world: World) -> Plan:
+    """``plan`` after its action turned out to be moot (the pod to delete was already gone or
+    replaced): no launch began, the one in progress stays."""
+    return dataclasses.replace(plan, launch=world.launch)
+
+
 def initial_launch(cr_name: str, now: datetime.datetime) -> Launch:
     """The launch of the first node, begun when the operator creates the StatefulSet."""
     return Launch(names.pod_name(cr_name, 0), now)

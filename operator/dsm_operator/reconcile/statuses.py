@@ -131,7 +131,7 @@ def _nodes(obs: Observation) -> list[dict[str, Any]]:
     for name in sorted(set(pods) | set(reports), key=lambda n: (len(n), n)):
         pod = pods.get(name)
         report = reports.get(name)
-        if report is not None and report.status == names.STATUS_DECOMMISSIONED and pod is None:
+        if report is not None and report.status == names.NodeStatus.DECOMMISSIONED and pod is None:
             continue
         entry: dict[str, Any] = {
             "name": name,
@@ -274,6 +274,16 @@ def patch(previous: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[st
         elif old != value or key not in previous:
             result[key] = value
     return result
+
+
+def rollout_completed(previous: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
+    """Whether ``new`` is the status in which the rollout of ``previous`` completed."""
+    before = ((previous or {}).get("rollout") or {}).get("state")
+    after = (new.get("rollout") or {}).get("state")
+    return after == RolloutState.COMPLETE and before in (
+        RolloutState.IN_PROGRESS,
+        RolloutState.STALLED,
+    )
 
 
 def changed(previous: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
