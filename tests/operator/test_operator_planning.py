@@ -217,7 +217,25 @@ def test_scale_down_during_a_stuck_rollout_waits_and_stays_degraded() -> None:
     assert stuck.action.pod == "m-0"
     early = planning.plan(world(2, 3, pods, revision="r2", launch=("m-0", 30)), "m")
     assert early.action.kind is Kind.WAIT
-    assert early.action.reason is Reason.SCALE_DOWN_WAITING
+    assert early.action.reason is Reason.NODE_STARTING
+    assert "removing node m-2 waits" in early.action.message
+
+
+def test_after_a_revert_the_broken_pod_is_replaced_before_the_scale_down() -> None:
+    """The broken m-0 is the outdated pod now: the rollout replaces it, the scale-down waits."""
+    pods = [pod(0, "r2", ready=False, age=700), pod(1, age=5000), pod(2, age=5000)]
+    result = planning.plan(world(2, 3, pods, revision="r1", launch=("m-0", 700)), "m")
+    assert result.action.kind is Kind.REPLACE_POD
+    assert result.action.pod == "m-0"
+
+
+def test_scale_down_with_an_unready_node_and_no_rollout_waits() -> None:
+    pods = [pod(0, ready=False, age=5000), pod(1), pod(2)]
+    result = planning.plan(world(2, 3, pods), "m")
+    assert result.action.kind is Kind.WAIT
+    assert result.action.reason is Reason.SCALE_DOWN_WAITING
+    stalled = planning.plan(world(2, 3, pods, launch=("m-0", 700)), "m")
+    assert stalled.action.kind is Kind.STALLED
 
 
 def test_scale_down_during_a_rollout_may_remove_an_outdated_unready_node() -> None:
@@ -395,7 +413,11 @@ class Sim:
     """What the status remembers between passes."""
 
     def newest(self) -> str:
-        running = [p.version for p in self.pods.values() if not p.deleting]
+        # A bad version never starts (like a pod that cannot be scheduled): it takes no node
+        # out of service by itself.
+        running = [
+            p.version for p in self.pods.values() if not p.deleting and p.version not in self.bad
+        ]
         return max(running, key=lambda v: tuple(int(x) for x in v.split("."))) if running else ""
 
     def ready(self, p: SimPod) -> bool:

@@ -11,10 +11,12 @@ The rules, in order (first match wins):
    while a pod is terminating or missing (the controller is still acting on the last step).
 2. Scale down before anything else, one ordinal at a time, highest first (the StatefulSet
    controller removes the highest ordinal when ``replicas`` drops by one) -- behind the same
-   readiness gate as every other action: only when no pod but the one removed is out of
-   service (see :func:`_gating_unready`). A scale-down during a stuck rollout therefore waits:
-   the StatefulSet can only remove the highest ordinal, which would take a healthy node out
-   while the broken one stays. Reverting or fixing the version lets both proceed.
+   readiness gate as every other action: the node removed must be the only one out of
+   service, or out of service itself. Otherwise the scale-down waits, and the rollout (which
+   may be what brings the unready node back) goes on. A scale-down during a stuck rollout
+   therefore waits: the StatefulSet can only remove the highest ordinal, which would take a
+   healthy node out while the broken one stays. Reverting or fixing the version replaces the
+   broken pod first; then the scale-down proceeds.
 3. Roll out: while a pod runs an outdated revision, replace one pod at a time. The gate is the
    *updated* pods only (those created during the rollout): they must all be Ready before the
    next deletion. Outdated pods are
@@ -326,32 +328,25 @@ def plan(world: World, cr_name: str) -> Plan:
         )
     gating = _gating_unready(live, sts.update_revision)
 
-    # 2. Scale down, highest ordinal first, one at a time, never with another node out.
+    # 2. Scale down, highest ordinal first, one at a time, never with another node out: the
+    # node removed must be the only one out of service, or out of service itself.
+    held_by: PodState | None = None
     if world.desired < sts.replicas:
         victim = names.pod_name(cr_name, sts.replicas - 1)
-        blocking = [p for p in gating if p.name != victim]
-        for pod in blocking:
-            if _replacement_stalled(pod, world) if rolling else _launch_stalled(pod.name, world):
-                return stalled(pod.name, "did not become Ready")
-        if blocking:
+        out = [p for p in live if not p.ready and p.name != victim]
+        victim_serving = any(p.name == victim and p.ready for p in live)
+        if not out or not victim_serving:
             return result(
                 Action(
-                    Kind.WAIT,
-                    Reason.SCALE_DOWN_WAITING,
-                    f"removing {victim} waits until node {blocking[0].name} is Ready "
-                    "(never two nodes out of service)",
-                    pod=blocking[0].name,
+                    Kind.SCALE_DOWN,
+                    Reason.SCALING_DOWN,
+                    f"removing node {victim} ({sts.replicas} -> {sts.replicas - 1})",
+                    replicas=sts.replicas - 1,
+                    pod=victim,
                 )
             )
-        return result(
-            Action(
-                Kind.SCALE_DOWN,
-                Reason.SCALING_DOWN,
-                f"removing node {victim} ({sts.replicas} -> {sts.replicas - 1})",
-                replicas=sts.replicas - 1,
-                pod=victim,
-            )
-        )
+        held_by = out[0]  # the rollout below may be what brings it back
+    waits_too = "" if held_by is None else f"; removing node {victim} waits until then"
 
     # 3. Roll out, one pod at a time, gated on the updated pods the rollout launched.
     if rolling:
@@ -363,7 +358,7 @@ def plan(world: World, cr_name: str) -> Plan:
                 Action(
                     Kind.WAIT,
                     Reason.NODE_STARTING,
-                    f"waiting for node {gating[0].name} to become Ready",
+                    f"waiting for node {gating[0].name} to become Ready{waits_too}",
                     pod=gating[0].name,
                 )
             )
@@ -381,6 +376,16 @@ def plan(world: World, cr_name: str) -> Plan:
     for pod in gating:
         if _launch_stalled(pod.name, world):
             return stalled(pod.name, "did not become Ready")
+    if held_by is not None:
+        return result(
+            Action(
+                Kind.WAIT,
+                Reason.SCALE_DOWN_WAITING,
+                f"removing node {names.pod_name(cr_name, sts.replicas - 1)} waits until node "
+                f"{held_by.name} is Ready (never two nodes out of service)",
+                pod=held_by.name,
+            )
+        )
     if gating:
         first = gating[0]
         launching = world.launch is not None and world.launch.pod == first.name
