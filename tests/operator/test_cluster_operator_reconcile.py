@@ -321,8 +321,9 @@ def test_a_version_that_never_gets_ready_stops_the_rollout(
     api: Api, operator_env: int, k8s_namespace: str, k8s_workloads: Any
 ) -> None:
     """The new version cannot come up (here: its pods cannot be scheduled). After the ready
-    timeout the rollout stops with Degraded and an Event, touching no further pod; reverting the
-    spec replaces the broken pod and recovers."""
+    timeout the rollout stops with Degraded and an Event, touching no further pod; a scale-down
+    asked for meanwhile waits rather than take a healthy node out too; reverting the spec
+    replaces the broken pod, recovers, and then scales down."""
     api.secrets()
     api.create(manager_body(nodes=3, nodeReadyTimeoutSeconds=60))
     with running_operator(k8s_namespace):
@@ -346,9 +347,23 @@ def test_a_version_that_never_gets_ready_stops_the_rollout(
         assert status["rollout"]["pending"] == ["mgr-1", "mgr-2"]
         assert api.condition("Progressing")["status"] == "False"
         assert "RolloutStalled" in [r for r, _ in api.events()]
-        # Revert: the broken pod is the outdated one now and is replaced first.
+        # nodes 3 -> 2 while mgr-0 is broken: removing mgr-2 would put a second node out.
+        api.patch_spec({"nodes": 2})
+        generation = api.get()["metadata"]["generation"]
+        # The pass that records this generation is the one that planned with nodes: 2 (the
+        # status is written after the action), so what it did is visible once it is recorded.
+        wait_for(lambda: api.get()["status"]["observedGeneration"] == generation, 60)
+        assert api.apps.read_namespaced_stateful_set("mgr", k8s_namespace).spec.replicas == 3
+        assert api.condition("Degraded")["reason"] == "RolloutStalled"
+        assert sorted(api.uids()) == ["mgr-0", "mgr-1", "mgr-2"]
+        # Revert: the broken pod is the outdated one now and is replaced first; then the
+        # scale-down proceeds.
         api.patch_spec({"version": "20.0.1", "scheduling": None})  # merge patch: null removes
-        wait_for(lambda: api.ready(3, "20.0.1"), 90, what="recovered after the revert")
+        wait_for(
+            lambda: api.ready(2, "20.0.1") and len(api.pods()) == 2,
+            120,
+            what="recovered after the revert, then scaled down",
+        )
         assert api.condition("Degraded")["status"] == "False"
         # The revert replaced the broken mgr-0 once more, and still nothing else.
         assert_deleted_exactly(
