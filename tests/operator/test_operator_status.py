@@ -265,18 +265,26 @@ def test_a_blocked_pass_is_not_ready_even_with_every_pod_ready(
 # --- the status patch removes what no longer applies ------------------------------------------
 
 
-def test_patch_nulls_keys_that_are_gone_at_any_depth() -> None:
-    previous = {
+def test_patch_removes_what_no_longer_applies_whatever_the_previous_status_says() -> None:
+    """kopf may hand a pass a status older than the last write: removals must not depend on it."""
+    written_last = {
         "a": 1,
         "rollout": {"state": "Complete", "finishedAt": "t1"},
-        "launch": {"pod": "x"},
+        "launch": {"pod": "m-1", "startedAt": "t0"},
     }
-    new = {"a": 1, "rollout": {"state": "InProgress"}}
-    assert statuses.patch(previous, new) == {
-        "rollout": {"state": "InProgress", "finishedAt": None},
-        "launch": None,
-    }
+    stale = {"a": 0}  # from before the write that added the launch and the finish
+    new = {"a": 2, "rollout": {"state": "InProgress"}}
+    for previous in (written_last, stale):
+        result = _merge(written_last, statuses.patch(previous, new))
+        assert result == {"a": 2, "rollout": {"state": "InProgress"}}, previous
     assert statuses.patch(new, new) == {}
+    assert statuses.patch(written_last, written_last) == {}
+
+
+def test_a_status_that_only_loses_a_key_is_a_change() -> None:
+    previous = {"a": 1, "launch": {"pod": "m-1", "startedAt": "t0"}}
+    assert statuses.changed(previous, {"a": 1})
+    assert _merge(previous, statuses.patch(previous, {"a": 1})) == {"a": 1}
 
 
 def test_a_new_rollout_does_not_keep_the_previous_finish() -> None:

@@ -20,9 +20,9 @@ import dataclasses
 import datetime
 import enum
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
-from dsm_operator.reconcile import conditions, names, planning
+from dsm_operator.reconcile import conditions, manifests, names, planning
 from dsm_operator.reconcile.conditions import Condition, Status, Type
 from dsm_operator.reconcile.specs import ManagerSpec
 
@@ -256,22 +256,67 @@ def launch_of(status: Mapping[str, Any] | None) -> planning.Launch | None:
     return planning.Launch(str(pod), at if at.tzinfo else at.replace(tzinfo=datetime.UTC))
 
 
-def patch(previous: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any]:
-    """The JSON merge patch that turns ``previous`` into ``new``: changed keys with their new
-    value, keys ``new`` no longer has set to ``None`` (removed), nested objects recursively.
-    Lists are replaced whole, as a merge patch does. Empty when nothing changes."""
-    previous = previous or {}
-    result: dict[str, Any] = {}
-    for key, old in previous.items():
-        if key not in new and old is not None:
-            result[key] = None
+OPTIONAL_KEYS: Final = frozenset(
+    {"launch", "rollout", "decommissioned", "loadBalancerAddress", "agentSettings"}
+)
+"""Status keys the operator writes only sometimes: absent from a new status means removed."""
+NESTED_KEYS: Final[Mapping[str, frozenset[str]]] = {
+    "rollout": frozenset(
+        {
+            "state",
+            "targetRevision",
+            "targetVersion",
+            "fromVersion",
+            "startedAt",
+            "finishedAt",
+            "updated",
+            "total",
+            "pending",
+            "lastReplacedPod",
+            "lastReplacedAt",
+            "message",
+        }
+    ),
+    "agentSettings": frozenset({"mode", *manifests.AGENT_SETTING_KEYS}),
+    "launch": frozenset({"pod", "startedAt"}),
+}
+"""The keys of the operator's nested status objects (absent from a new one means removed)."""
+
+
+def _differs(previous: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    """Whether writing ``new`` over ``previous`` as :func:`patch` does would change anything."""
+    for key in OPTIONAL_KEYS:
+        if key not in new and previous.get(key) is not None:
+            return True
     for key, value in new.items():
         old = previous.get(key)
         if isinstance(value, Mapping) and isinstance(old, Mapping):
-            nested = patch(old, value)
-            if nested:
-                result[key] = nested
+            if any(old.get(k) is not None for k in NESTED_KEYS.get(key, ()) if k not in value):
+                return True
+            if any(old.get(k) != v for k, v in value.items()):
+                return True
         elif old != value or key not in previous:
+            return True
+    return False
+
+
+def patch(previous: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch that writes ``new``, or ``{}`` when ``previous`` already says it.
+
+    The patch is the whole new status plus ``None`` (removal) for every optional key and every
+    nested key the operator owns that ``new`` lacks -- whatever ``previous`` says. kopf hands a
+    pass the body of the event that woke it, which may predate the last status write (a timer and
+    a change handler queue on one lock), so removals cannot be derived from it. Lists are
+    replaced whole, as a merge patch does.
+    """
+    if not _differs(previous or {}, new):
+        return {}
+    result: dict[str, Any] = {key: None for key in OPTIONAL_KEYS if key not in new}
+    for key, value in new.items():
+        nested = NESTED_KEYS.get(key)
+        if nested is not None and isinstance(value, Mapping):
+            result[key] = {**dict.fromkeys(nested - value.keys()), **value}
+        else:
             result[key] = value
     return result
 
