@@ -4,7 +4,8 @@
 #
 # Why from source: no Docker engine runs on the development and CI machines, so kind cannot start a
 # cluster, and the only reachable registry with these programs is the Go module proxy. These are the same
-# programs controller-runtime's envtest runs (see docs in ../../../shared/FIELD-NOTES.md section 5).
+# programs controller-runtime's envtest runs (kube-apiserver, etcd and, for workloads, the controller
+# manager and scheduler); kwok stands in for kubelets and needs its stage definitions in --config.
 #
 # Why a wrapper module: k8s.io/kubernetes cannot be `go install`ed. Its go.mod requires every staging
 # module (k8s.io/api, k8s.io/client-go, ...) at v0.0.0 and replaces it with ./staging/src/...; replace
@@ -176,6 +177,7 @@ for b in "${missing[@]}"; do
                 -ldflags "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v}" \
                 "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
             # Stage definitions ship in the module, not in the binary; kwok needs them in --config.
+            # (tests/cluster/kwok/ replaces pod-delete.yaml at run time: see hack/k8s/README.md.)
             src="$GOMODCACHE/sigs.k8s.io/kwok@$KWOK_VERSION/kustomize/stage"
             mkdir -p "$tmp/stages"
             cp "$src/node/fast/node-initialize.yaml" "$src/node/heartbeat/node-heartbeat.yaml" \

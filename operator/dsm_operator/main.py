@@ -2,8 +2,8 @@
 
 Importing this module registers every handler (``kopf run -m dsm_operator.main`` works too,
 which is what ``kopf.testing.KopfRunner`` uses). ``main`` runs standalone -- no peering: the
-chart ships exactly one replica with the ``Recreate`` strategy (FIELD-NOTES §4: equal peering
-priorities freeze all replicas; peering is not leader election).
+chart ships exactly one replica with the ``Recreate`` strategy (kopf's peering is not leader
+election: replicas with equal priorities all freeze).
 """
 
 from __future__ import annotations

@@ -46,6 +46,37 @@ from tests.cluster import certificates
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VERSIONS_FILE = REPO_ROOT / "hack" / "k8s" / "versions.env"
 BUILD_SCRIPT = REPO_ROOT / "hack" / "k8s" / "build.sh"
+OWN_KWOK_STAGES = Path(__file__).resolve().parent / "kwok"
+"""Stages of our own that replace kwok's stage of the same file name (see each file's header)."""
+ADMISSION_PLUGINS = "OwnerReferencesPermissionEnforcement"
+"""Enabled on top of the defaults: OpenShift enables it, and it refuses an owner reference with
+``blockOwnerDeletion`` from a client that may not update the owner's ``finalizers``."""
+AUDIT_POLICY: dict[str, Any] = {
+    "apiVersion": "audit.k8s.io/v1",
+    "kind": "Policy",
+    "omitStages": ["RequestReceived"],
+    "rules": [
+        # Pod deletions with request and response: the request names the uid precondition, the
+        # response names the pod (its uid) that was hit. Tests judge who deleted what by this.
+        {
+            "level": "RequestResponse",
+            "verbs": ["delete", "deletecollection"],
+            "resources": [{"group": "", "resources": ["pods"]}],
+        },
+        # Who wrote which child object (user agent, verb, name, response code).
+        {
+            "level": "Metadata",
+            "verbs": ["create", "update", "patch", "delete"],
+            "resources": [
+                {"group": "", "resources": ["services", "serviceaccounts", "secrets"]},
+                {"group": "apps", "resources": ["statefulsets"]},
+                {"group": "policy", "resources": ["poddisruptionbudgets"]},
+                {"group": "monitoring.coreos.com", "resources": ["servicemonitors"]},
+            ],
+        },
+        {"level": "None"},
+    ],
+}
 
 HOST = "127.0.0.1"
 POD_CIDR = "127.1.0.0/16"
@@ -123,6 +154,13 @@ class Binaries:
         if not (self.kwok_stages / "pod-ready.yaml").is_file():
             gone.append(self.kwok_stages)
         return gone
+
+
+def kwok_stage_files(cached: Path) -> list[str]:
+    """kwok's stage definitions from the build cache, each replaced by ours of the same name."""
+    own = {p.name: p for p in OWN_KWOK_STAGES.glob("*.yaml")}
+    theirs = {p.name: p for p in cached.glob("*.yaml")}
+    return [str(p) for _, p in sorted({**theirs, **own}.items())]
 
 
 def go_toolchain() -> str | None:
@@ -224,6 +262,8 @@ class ControlPlane:
         self.start_timeout = start_timeout
         self.kubeconfig = workdir / "admin.kubeconfig"
         self.log_dir = workdir / "logs"
+        self.audit_log = workdir / "logs" / "audit.jsonl"
+        """The API server's audit log (one JSON event per line, see :data:`AUDIT_POLICY`)."""
         self.components: dict[str, Component] = {}
         self.apiserver_port = 0
         self.workloads_running = False
@@ -296,6 +336,9 @@ class ControlPlane:
 
         self.apiserver_port = free_port()
         pki = self._pki
+        audit_policy = self.workdir / "audit-policy.yaml"
+        audit_policy.write_text(yaml.safe_dump(AUDIT_POLICY, sort_keys=False))
+        self.audit_log.parent.mkdir(parents=True, exist_ok=True)
         apiserver = self._spawn(
             "kube-apiserver",
             [
@@ -314,6 +357,11 @@ class ControlPlane:
                 f"--service-account-key-file={pki.service_account_pub}",
                 f"--service-account-signing-key-file={pki.service_account_key}",
                 "--allow-privileged=true",
+                f"--enable-admission-plugins={ADMISSION_PLUGINS}",
+                f"--audit-policy-file={audit_policy}",
+                f"--audit-log-path={self.audit_log}",
+                "--audit-log-format=json",
+                "--audit-log-mode=blocking",  # an event is on disk before its response is sent
                 # The 127.0.0.1 advertise address is a loopback endpoint, which Endpoints
                 # validation refuses; nothing in-cluster dials the kubernetes Service here, so
                 # skip reconciling it.
@@ -368,7 +416,7 @@ class ControlPlane:
                 "--v=1",
             ],
         )
-        stages = sorted(str(p) for p in self.binaries.kwok_stages.glob("*.yaml"))
+        stages = kwok_stage_files(self.binaries.kwok_stages)
         kwok = self._spawn(
             "kwok",
             [

@@ -36,7 +36,7 @@ from typing import Any
 
 import pytest
 
-from tests.cluster import controlplane
+from tests.cluster import audit, controlplane
 
 FIXTURES = frozenset({"k8s_control_plane", "k8s_workloads", "k8s_namespace"})
 LOG_TAIL_LINES = 60
@@ -60,6 +60,11 @@ class Cluster:
     @property
     def server(self) -> str:
         return self.control_plane.server
+
+    @property
+    def audit(self) -> audit.AuditLog:
+        """The API server's audit log: who deleted which pod, who wrote which object."""
+        return audit.AuditLog(self.control_plane.audit_log)
 
     def tool_env(self) -> dict[str, str]:
         """Environment for CLI tools: this cluster's kubeconfig, helm/kubectl state kept private."""

@@ -1,9 +1,14 @@
 """The real StatefulSet controller's ordering rules, observed through the API.
 
 With ``podManagementPolicy: OrderedReady`` the controller creates pod N+1 only after pod N is
-Running and Ready, and on scale-down removes the highest ordinal first, one at a time. Our
-operator's upgrade and scale logic is built on these rules (FIELD-NOTES section 3), so they are
-checked here against the real controller rather than assumed.
+Running and Ready, and on scale-down removes the highest ordinal first, one at a time. The operator
+does *not* rely on ``OrderedReady``: an upgrade leaves the old nodes unready (``Offline (Upgrade
+Required)``), and ``OrderedReady`` would then refuse to re-create a deleted higher ordinal, so the
+rollout would deadlock. It uses ``Parallel`` with ``OnDelete`` and orders launches itself
+(docs/operator-design.md). What it relies on, and what is checked here against the real
+controller rather than assumed: a scale-down removes the highest ordinal first, and a pod is made
+Ready only after scheduling. The ``OrderedReady`` behaviour is kept under test because it is the
+reason the operator cannot use it.
 
 How readiness is held back without sleeping on the controller: every pod is created with a
 scheduling gate, so it stays Pending (unscheduled, not Ready) until the test removes the gate; the

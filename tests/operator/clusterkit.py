@@ -1,10 +1,21 @@
-"""Helpers shared by the operator's cluster-tier tests (not a test module, not a conftest)."""
+"""Helpers shared by the operator's cluster-tier tests (not a test module, not a conftest):
+a valid resource, polling, the operator run in-process, the questions tests ask of the API, and
+the operator's own pod deletions read from the API server's audit log."""
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
+
+from kopf.testing import KopfRunner
+from kubernetes import client
+from tests.cluster.audit import Request
+
+from dsm_operator.reconcile import names
+
+GROUP, VERSION, PLURAL = names.GROUP, names.VERSION, names.PLURAL
 
 
 def manager_body(name: str = "mgr", **spec: Any) -> dict[str, Any]:
@@ -38,3 +49,81 @@ def wait_for(
     raise AssertionError(
         f"timed out after {timeout:.0f} s waiting for {what or predicate}: {last!r}"
     )
+
+
+@contextlib.contextmanager
+def running_operator(namespace: str) -> Iterator[KopfRunner]:
+    args = ["run", "--standalone", "--namespace", namespace, "-m", "dsm_operator.main"]
+    with KopfRunner(args, timeout=60) as runner:
+        yield runner
+    assert runner.exception is None, runner.output
+    assert runner.exit_code == 0, runner.output
+
+
+class Api:
+    def __init__(self, api_client: Any, namespace: str) -> None:
+        self.ns = namespace
+        self.custom = client.CustomObjectsApi(api_client)
+        self.core = client.CoreV1Api(api_client)
+        self.apps = client.AppsV1Api(api_client)
+        self.policy = client.PolicyV1Api(api_client)
+
+    def secrets(self, **data: str) -> None:
+        defaults = {"dsm-db": {"url": "postgresql://u:p@127.0.0.1:5432/dsm"}}
+        defaults["dsm-master-key"] = {"localSecret": "s3cret"}
+        for name, payload in defaults.items():
+            self.core.create_namespaced_secret(
+                self.ns,
+                client.V1Secret(metadata=client.V1ObjectMeta(name=name), string_data=payload),
+            )
+
+    def create(self, body: dict[str, Any]) -> None:
+        self.custom.create_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, body)
+
+    def get(self, name: str = "mgr") -> dict[str, Any]:
+        return dict(self.custom.get_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, name))
+
+    def patch_spec(self, spec: dict[str, Any], name: str = "mgr") -> None:
+        self.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, self.ns, PLURAL, name, {"spec": spec}
+        )
+
+    def condition(self, type_: str, name: str = "mgr") -> dict[str, Any]:
+        for cond in (self.get(name).get("status") or {}).get("conditions") or ():
+            if cond["type"] == type_:
+                return dict(cond)
+        return {}
+
+    def ready(self, nodes: int, version: str | None = None, name: str = "mgr") -> bool:
+        status = self.get(name).get("status") or {}
+        ok = (
+            self.condition("Ready", name).get("status") == "True"
+            and status.get("readyNodes") == nodes
+        )
+        return ok and (version is None or status.get("currentVersion") == version)
+
+    def pods(self) -> list[Any]:
+        return list(self.core.list_namespaced_pod(self.ns).items)
+
+    def uids(self) -> dict[str, str]:
+        """Pod name -> uid of the live pods."""
+        return {p.metadata.name: p.metadata.uid for p in self.pods()}
+
+    def events(self) -> list[tuple[str, str]]:
+        return [
+            (e.reason, e.message or "")
+            for e in self.core.list_namespaced_event(self.ns).items
+            if e.involved_object.kind == "DeepSecurityManager"
+        ]
+
+
+def operator_deletions(cluster: Any, namespace: str) -> list[Request]:
+    """The pods the operator deleted, in order, from the audit log."""
+    return list(cluster.audit.pod_deletions(namespace, user_agent=names.USER_AGENT))
+
+
+def assert_deleted_exactly(deletions: list[Request], expected: list[tuple[str, str]]) -> None:
+    """The operator deleted these (name, uid) pods in this order, each with a uid precondition
+    that named the pod it hit."""
+    assert [(r.name, r.hit_uid) for r in deletions] == expected, deletions
+    assert all(r.precondition_uid == r.hit_uid for r in deletions), deletions

@@ -7,8 +7,11 @@ same way tests/cluster/conftest.py does it, so ``pytest tests/operator`` works o
 
 from __future__ import annotations
 
+import gc
 import sys
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,3 +51,45 @@ def dsm_crd(k8s_control_plane: Any) -> str:
             return str(body["metadata"]["name"])
         time.sleep(0.2)
     raise TimeoutError("the DeepSecurityManager CRD was not Established in 30 s")
+
+
+@pytest.fixture
+def operator_env(monkeypatch: pytest.MonkeyPatch, k8s_workloads: Any) -> int:
+    """Environment of an in-process operator; returns its metrics port."""
+    port = _free_port()
+    monkeypatch.setenv("KUBECONFIG", str(k8s_workloads.kubeconfig))
+    monkeypatch.setenv("DSM_OPERATOR_RECONCILE_INTERVAL_SECONDS", "1")
+    monkeypatch.setenv("DSM_OPERATOR_NODE_API_ENABLED", "false")
+    monkeypatch.setenv("DSM_OPERATOR_NODE_API_NETWORKS", '["127.0.0.0/8"]')
+    monkeypatch.setenv("DSM_OPERATOR_METRICS_PORT", str(port))
+    monkeypatch.setenv("DSM_OPERATOR_METRICS_ADDRESS", "127.0.0.1")
+    monkeypatch.setenv("DSM_OPERATOR_NODE_IMAGE_REPOSITORY", "registry.test/dsm-node")
+    return port
+
+
+@pytest.fixture
+def collect_operator_leftovers() -> Iterator[None]:
+    """Finalize what a stopped in-process operator left behind, here and silently.
+
+    kopf's aiohttp sessions to the API server are not all closed when ``KopfRunner`` stops the
+    operator's loop (a production operator exits its process instead). Left alone, their
+    ResourceWarnings surface at some later garbage collection -- in whatever test runs then,
+    where ``filterwarnings = error`` fails it. Collecting right after each test keeps them here.
+    """
+    yield
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
+
+
+@pytest.fixture
+def api(k8s_workloads: Any, k8s_namespace: str, dsm_crd: str) -> Any:
+    from tests.operator.clusterkit import Api
+
+    return Api(k8s_workloads.api_client, k8s_namespace)
+
+
+def _free_port() -> int:
+    from tests.cluster import controlplane
+
+    return controlplane.free_port()

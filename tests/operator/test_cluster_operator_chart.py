@@ -21,6 +21,7 @@ NEEDED = [
     ("watch", "deepsecuritymanagers.security.dsm.dev"),
     ("patch", "deepsecuritymanagers.security.dsm.dev"),
     ("patch", "deepsecuritymanagers.security.dsm.dev/status"),
+    ("update", "deepsecuritymanagers.security.dsm.dev/finalizers"),
     ("create", "events"),
     ("list", "pods"),
     ("delete", "pods"),
@@ -36,6 +37,17 @@ NEEDED = [
     ("delete", "poddisruptionbudgets.policy"),
     ("patch", "servicemonitors.monitoring.coreos.com"),
     ("patch", "prometheusrules.monitoring.coreos.com"),
+]
+
+# What it never does: Secrets are read by name and one is created, nothing else.
+NOT_NEEDED = [
+    ("list", "secrets"),
+    ("watch", "secrets"),
+    ("patch", "secrets"),
+    ("update", "secrets"),
+    ("delete", "secrets"),
+    ("delete", "statefulsets.apps"),
+    ("delete", "serviceaccounts"),
 ]
 
 
@@ -80,6 +92,57 @@ def test_namespaced_render_watches_only_its_namespaces(k8s_control_plane: Any) -
     assert args == ["--namespace=team-a", "--namespace=team-b"]
 
 
+def _restricted_namespace(cluster: Any, name: str) -> None:
+    from kubernetes import client
+
+    labels = {
+        "pod-security.kubernetes.io/enforce": "restricted",
+        "pod-security.kubernetes.io/enforce-version": "latest",
+    }
+    client.CoreV1Api(cluster.api_client).patch_namespace(name, {"metadata": {"labels": labels}})
+
+
+def test_every_pod_of_the_chart_is_admitted_under_restricted(
+    k8s_control_plane: Any, k8s_namespace: str
+) -> None:
+    """The operator's pod and the `helm test` pod, created (server-side dry run) in a namespace
+    that enforces Pod Security "restricted": the API server's own PodSecurity admission judges."""
+    from kubernetes import client
+
+    _restricted_namespace(k8s_control_plane, k8s_namespace)
+    docs = _docs(k8s_control_plane.helm("template", "r", str(CHART), "-n", k8s_namespace).stdout)
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    test_pods = [d for d in docs if d["kind"] == "Pod"]
+    assert test_pods, "the chart has a helm test pod"
+    pods = [
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "operator"},
+            "spec": deployment["spec"]["template"]["spec"],
+        },
+        *test_pods,
+    ]
+    core = client.CoreV1Api(k8s_control_plane.api_client)
+    # The pods' ServiceAccounts must exist (the service-account controller makes "default" only
+    # when the workloads tier runs).
+    accounts = ("default", *(d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount"))
+    for account in accounts:
+        try:
+            core.create_namespaced_service_account(k8s_namespace, {"metadata": {"name": account}})
+        except client.ApiException as exc:
+            if exc.status != 409:
+                raise
+    refused = []
+    for pod in pods:
+        pod["metadata"]["namespace"] = k8s_namespace
+        try:
+            core.create_namespaced_pod(k8s_namespace, pod, dry_run="All")
+        except client.ApiException as exc:
+            refused.append(f"{pod['metadata']['name']}: {exc.status} {exc.body}")
+    assert refused == []
+
+
 def _can_i(cluster: Any, sa: str, namespace: str, verb: str, resource: str) -> bool:
     """A SubjectAccessReview (works for APIs not served here, unlike ``kubectl auth can-i``)."""
     from kubernetes import client
@@ -108,10 +171,15 @@ def test_installed_cluster_wide_operator_may_do_its_work(
     k8s_control_plane: Any, k8s_namespace: str, dsm_crd: str
 ) -> None:
     release = "op"
-    k8s_control_plane.helm(
+    installed = k8s_control_plane.helm(
         "install", release, str(CHART), "-n", k8s_namespace, "--skip-crds", "--wait=false"
     )
     try:
+        notes = installed.stdout
+        chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+        assert f'version: "{chart["appVersion"]}"' in notes, notes
+        assert "helm show crds" in notes
+        assert "<this chart>" not in notes and "https://" not in notes
         sa = f"system:serviceaccount:{k8s_namespace}:{release}-dsm-operator"
         missing = [
             f"{verb} {res}"
@@ -119,6 +187,12 @@ def test_installed_cluster_wide_operator_may_do_its_work(
             if not _can_i(k8s_control_plane, sa, "some-other-namespace", verb, res)
         ]
         assert missing == []
+        excess = [
+            f"{verb} {res}"
+            for verb, res in NOT_NEEDED
+            if _can_i(k8s_control_plane, sa, "some-other-namespace", verb, res)
+        ]
+        assert excess == []
         assert _can_i(
             k8s_control_plane, sa, "", "list", "customresourcedefinitions.apiextensions.k8s.io"
         )

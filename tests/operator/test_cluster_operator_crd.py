@@ -136,6 +136,106 @@ INVALID: list[tuple[str, list[tuple[str, Any]], str]] = [
     ("empty image", [("spec.image", "")], "spec.image"),
     ("tls without a secret", [("spec.tls", {})], "spec.tls.secretRef"),
     ("name too long", [("metadata.name", "m" * 41)], "metadata.name"),
+    # Values no Pod, Service or label could carry: refused the way Kubernetes refuses them.
+    ("image with whitespace", [("spec.image", "registry.test/dsm node:1")], "spec.image"),
+    ("pod label key", [("spec.podLabels", {"bad key!": "x"})], "spec.podLabels"),
+    ("pod label value", [("spec.podLabels", {"team": "no spaces allowed"})], "spec.podLabels"),
+    ("pod label value too long", [("spec.podLabels", {"team": "x" * 64})], "spec.podLabels"),
+    ("pod annotation key", [("spec.podAnnotations", {"-leading": "x"})], "spec.podAnnotations"),
+    (
+        "load balancer annotation key",
+        [("spec.loadBalancer.annotations", {"a/b/c": "x"})],
+        "spec.loadBalancer.annotations",
+    ),
+    (
+        "monitoring label key",
+        [("spec.monitoring.labels", {"release name": "kps"})],
+        "spec.monitoring.labels",
+    ),
+    (
+        "monitoring label value",
+        [("spec.monitoring.labels", {"release": "kube prometheus"})],
+        "spec.monitoring.labels",
+    ),
+    (
+        "node selector key",
+        [("spec.scheduling.nodeSelector", {"UPPER.example.com/x": "y"})],
+        "spec.scheduling.nodeSelector",
+    ),
+    (
+        "node selector value",
+        [("spec.scheduling.nodeSelector", {"zone": "a/b"})],
+        "spec.scheduling.nodeSelector",
+    ),
+    (
+        "resource quantity that is not one",
+        [("spec.resources.requests", {"memory": "lots"})],
+        "spec.resources.requests",
+    ),
+    (
+        "negative resource quantity",
+        [("spec.resources.limits", {"memory": "-1Gi"})],
+        "spec.resources.limits",
+    ),
+    (
+        "pull secret name",
+        [("spec.imagePullSecrets", [{"name": "Not_A_DNS_Name"}])],
+        "spec.imagePullSecrets[0].name",
+    ),
+    (
+        "priority class name",
+        [("spec.scheduling.priorityClassName", "High Priority")],
+        "spec.scheduling.priorityClassName",
+    ),
+    (
+        "toleration operator",
+        [("spec.scheduling.tolerations", [{"key": "k", "operator": "Sometimes"}])],
+        "spec.scheduling.tolerations[0].operator",
+    ),
+    (
+        "toleration effect",
+        [("spec.scheduling.tolerations", [{"key": "k", "effect": "Never"}])],
+        "spec.scheduling.tolerations[0].effect",
+    ),
+    (
+        "toleration with Exists and a value",
+        [("spec.scheduling.tolerations", [{"key": "k", "operator": "Exists", "value": "v"}])],
+        "spec.scheduling.tolerations[0].value",
+    ),
+    ("time zone not in the database", [("spec.timeZone", "Mars/Olympus_Mons")], "spec.timeZone"),
+]
+
+# Edge cases that are valid for Kubernetes, so they must be accepted.
+VALID: list[tuple[str, list[tuple[str, Any]]]] = [
+    (
+        "prefixed label and annotation keys",
+        [
+            ("spec.podLabels", {"example.com/team": "a-b_c.d", "empty": ""}),
+            ("spec.podAnnotations", {"example.com/note": "any text: even spaces"}),
+        ],
+    ),
+    (
+        "quantities in every form",
+        [
+            ("spec.resources.requests", {"cpu": "500m", "memory": "512Mi"}),
+            ("spec.resources.limits", {"cpu": 2, "memory": "1e9", "example.com/gpu": "0"}),
+        ],
+    ),
+    ("deep time zone", [("spec.timeZone", "America/Argentina/Buenos_Aires")]),
+    (
+        "tolerations of every shape",
+        [
+            (
+                "spec.scheduling.tolerations",
+                [
+                    {"operator": "Exists"},
+                    {"key": "node.kubernetes.io/unreachable", "operator": "Exists"},
+                    {"key": "k", "value": "v", "effect": "NoExecute", "tolerationSeconds": 30},
+                ],
+            )
+        ],
+    ),
+    ("dotted pull secret", [("spec.imagePullSecrets", [{"name": "registry.example.com"}])]),
 ]
 
 
@@ -154,6 +254,47 @@ def test_invalid_resource_is_refused_naming_the_field(
         body = _set(body, path, value)
     message = _refusal(k8s_control_plane.api_client, k8s_namespace, body)
     assert field in message, message
+
+
+@pytest.mark.parametrize("changes", [c for _, c in VALID], ids=[w for w, _ in VALID])
+def test_valid_edge_cases_are_accepted(
+    dsm_crd: str, k8s_control_plane: Any, k8s_namespace: str, changes: list[tuple[str, Any]]
+) -> None:
+    body = manager_body()
+    for path, value in changes:
+        body = _set(body, path, value)
+    created = _create(k8s_control_plane.api_client, k8s_namespace, body)
+    for path, value in changes:
+        node: Any = created
+        for part in path.split("."):
+            node = node[part]
+        assert node == value, path
+
+
+def test_the_local_secret_reference_cannot_change(
+    dsm_crd: str, k8s_control_plane: Any, k8s_namespace: str
+) -> None:
+    """The master key in the database is wrapped with the local secret: a running cluster must
+    not be pointed at another Secret (every replaced pod would fail to unwrap it)."""
+    api = client.CustomObjectsApi(k8s_control_plane.api_client)
+    _create(k8s_control_plane.api_client, k8s_namespace, manager_body())
+    for change in ({"name": "other-secret"}, {"key": "otherKey"}):
+        with pytest.raises(ApiException) as refused:
+            api.patch_namespaced_custom_object(
+                GROUP,
+                VERSION,
+                k8s_namespace,
+                PLURAL,
+                "mgr",
+                {"spec": {"masterKey": {"localSecretRef": change}}},
+            )
+        assert refused.value.status == 422, refused.value.body
+        assert "spec.masterKey.localSecretRef" in str(refused.value.body)
+        assert "cannot be changed" in str(refused.value.body)
+    # Everything else stays editable.
+    api.patch_namespaced_custom_object(
+        GROUP, VERSION, k8s_namespace, PLURAL, "mgr", {"spec": {"nodes": 2}}
+    )
 
 
 def test_status_is_a_subresource(dsm_crd: str, k8s_control_plane: Any, k8s_namespace: str) -> None:

@@ -4,67 +4,34 @@ kubelets (pods turn Ready as soon as they are scheduled; no node process runs, s
 node API is switched off here -- tests/e2e covers it with real nodes).
 
 Every test has its own namespace and its own operator (``--standalone --namespace``).
+
+The operator is judged by what *it* did: its pod deletions are read from the API server's audit
+log (its requests carry the ``dsm-operator/`` user agent, each deletion a uid precondition, and
+the response names the pod that was hit), never from the pod watch, which also shows deletions by
+kwok and by the StatefulSet controller.
 """
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import urllib.request
-import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from kopf.testing import KopfRunner
 from kubernetes import client
-from kubernetes import watch as watching
-from tests.cluster import controlplane
 from tests.cluster.podwatch import PodEvents
-from tests.operator.clusterkit import manager_body, wait_for
+from tests.operator.clusterkit import (
+    GROUP,
+    PLURAL,
+    VERSION,
+    Api,
+    assert_deleted_exactly,
+    manager_body,
+    operator_deletions,
+    running_operator,
+    wait_for,
+)
 
-pytestmark = pytest.mark.cluster
-
-watch: Any = watching
-GROUP, VERSION, PLURAL = "security.dsm.dev", "v1alpha1", "deepsecuritymanagers"
-
-
-@pytest.fixture
-def operator_env(monkeypatch: pytest.MonkeyPatch, k8s_workloads: Any) -> int:
-    """Environment of an in-process operator; returns its metrics port."""
-    port = controlplane.free_port()
-    monkeypatch.setenv("KUBECONFIG", str(k8s_workloads.kubeconfig))
-    monkeypatch.setenv("DSM_OPERATOR_RECONCILE_INTERVAL_SECONDS", "1")
-    monkeypatch.setenv("DSM_OPERATOR_NODE_API_ENABLED", "false")
-    monkeypatch.setenv("DSM_OPERATOR_NODE_API_NETWORKS", '["127.0.0.0/8"]')
-    monkeypatch.setenv("DSM_OPERATOR_METRICS_PORT", str(port))
-    monkeypatch.setenv("DSM_OPERATOR_METRICS_ADDRESS", "127.0.0.1")
-    monkeypatch.setenv("DSM_OPERATOR_NODE_IMAGE_REPOSITORY", "registry.test/dsm-node")
-    return port
-
-
-@pytest.fixture(autouse=True)
-def _collect_operator_leftovers() -> Iterator[None]:
-    """Finalize what a stopped in-process operator left behind, here and silently.
-
-    kopf's aiohttp sessions to the API server are not all closed when ``KopfRunner`` stops the
-    operator's loop (a production operator exits its process instead). Left alone, their
-    ResourceWarnings surface at some later garbage collection -- in whatever test runs then,
-    where ``filterwarnings = error`` fails it. Collecting right after each test keeps them here.
-    """
-    yield
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
-        gc.collect()
-
-
-@contextlib.contextmanager
-def running_operator(namespace: str) -> Iterator[KopfRunner]:
-    args = ["run", "--standalone", "--namespace", namespace, "-m", "dsm_operator.main"]
-    with KopfRunner(args, timeout=60) as runner:
-        yield runner
-    assert runner.exception is None, runner.output
-    assert runner.exit_code == 0, runner.output
+pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("collect_operator_leftovers")]
 
 
 class PodLog(PodEvents):
@@ -104,62 +71,9 @@ class PodLog(PodEvents):
         return seen
 
 
-class Api:
-    def __init__(self, api_client: Any, namespace: str) -> None:
-        self.ns = namespace
-        self.custom = client.CustomObjectsApi(api_client)
-        self.core = client.CoreV1Api(api_client)
-        self.apps = client.AppsV1Api(api_client)
-        self.policy = client.PolicyV1Api(api_client)
-
-    def secrets(self, **data: str) -> None:
-        defaults = {"dsm-db": {"url": "postgresql://u:p@127.0.0.1:5432/dsm"}}
-        defaults["dsm-master-key"] = {"localSecret": "s3cret"}
-        for name, payload in defaults.items():
-            self.core.create_namespaced_secret(
-                self.ns,
-                client.V1Secret(metadata=client.V1ObjectMeta(name=name), string_data=payload),
-            )
-
-    def create(self, body: dict[str, Any]) -> None:
-        self.custom.create_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, body)
-
-    def get(self, name: str = "mgr") -> dict[str, Any]:
-        return dict(self.custom.get_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, name))
-
-    def patch_spec(self, spec: dict[str, Any], name: str = "mgr") -> None:
-        self.custom.patch_namespaced_custom_object(
-            GROUP, VERSION, self.ns, PLURAL, name, {"spec": spec}
-        )
-
-    def condition(self, type_: str, name: str = "mgr") -> dict[str, Any]:
-        for cond in (self.get(name).get("status") or {}).get("conditions") or ():
-            if cond["type"] == type_:
-                return dict(cond)
-        return {}
-
-    def ready(self, nodes: int, version: str | None = None, name: str = "mgr") -> bool:
-        status = self.get(name).get("status") or {}
-        ok = (
-            self.condition("Ready", name).get("status") == "True"
-            and status.get("readyNodes") == nodes
-        )
-        return ok and (version is None or status.get("currentVersion") == version)
-
-    def pods(self) -> list[Any]:
-        return list(self.core.list_namespaced_pod(self.ns).items)
-
-    def events(self) -> list[tuple[str, str]]:
-        return [
-            (e.reason, e.message or "")
-            for e in self.core.list_namespaced_event(self.ns).items
-            if e.involved_object.kind == "DeepSecurityManager"
-        ]
-
-
-@pytest.fixture
-def api(k8s_workloads: Any, k8s_namespace: str, dsm_crd: str) -> Api:
-    return Api(k8s_workloads.api_client, k8s_namespace)
+def _template_annotations(api: Api) -> dict[str, str]:
+    sts = api.apps.read_namespaced_stateful_set("mgr", api.ns)
+    return dict(sts.spec.template.metadata.annotations or {})
 
 
 def test_applying_a_resource_creates_the_children(
@@ -192,9 +106,21 @@ def test_applying_a_resource_creates_the_children(
         )
         assert status["nodes"][0]["name"] == "mgr-0"
         assert status["nodes"][0]["podReady"] is True
+        # The launch of mgr-0 ended with the same write that made it Ready: its record is
+        # removed (a merge patch with null), not left behind.
+        assert "launch" not in status, status.get("launch")
         meta = api.get()["metadata"]
         assert meta["finalizers"] == ["operator.security.dsm.dev/finalizer"]
-        assert "operator.security.dsm.dev/last-handled-configuration" in meta["annotations"]
+        # kopf stores it once the create handler is done, which may be after a timer's pass
+        # (they share one lock per resource) has already made the resource Ready.
+        wait_for(
+            lambda: (
+                "operator.security.dsm.dev/last-handled-configuration"
+                in (api.get()["metadata"].get("annotations") or {})
+            ),
+            30,
+            what="kopf's last-handled-configuration annotation",
+        )
         reasons = {r for r, _ in api.events()}
         assert {"ApiKeyCreated", "Created"} <= reasons
         metrics = (
@@ -207,6 +133,19 @@ def test_applying_a_resource_creates_the_children(
             f'dsm_operator_nodes{{name="mgr",namespace="{k8s_namespace}",state="ready"}} 1.0'
             in metrics
         )
+        # Created, then owned as if server-side apply had created it: one Apply entry of the
+        # operator's field manager, no create-time Update entry that would keep fields alive.
+        managers = [
+            (m.manager, m.operation)
+            for m in sts.metadata.managed_fields
+            if m.manager == "dsm-operator" and not m.subresource
+        ]
+        assert managers == [("dsm-operator", "Apply")], sts.metadata.managed_fields
+        # So a field the spec stops asking for goes away.
+        api.patch_spec({"podAnnotations": {"example.com/temporary": "yes"}})
+        wait_for(lambda: "example.com/temporary" in _template_annotations(api), 30)
+        api.patch_spec({"podAnnotations": None})
+        wait_for(lambda: "example.com/temporary" not in _template_annotations(api), 30)
 
 
 def test_scale_up_and_down_one_node_at_a_time(
@@ -224,9 +163,11 @@ def test_scale_up_and_down_one_node_at_a_time(
             assert log.starts_while_others_unready() == []
             api.patch_spec({"nodes": 2})
             wait_for(lambda: api.ready(2) and len(api.pods()) == 2, 90, what="two nodes")
+            # The StatefulSet controller removed them (replicas lowered one at a time).
             assert log.deleted() == ["mgr-3", "mgr-2"]
     finally:
         log.stop()
+    assert operator_deletions(k8s_workloads, k8s_namespace) == []
     reasons = [r for r, _ in api.events()]
     assert reasons.count("ScalingUp") == 3
     assert reasons.count("ScalingDown") == 2
@@ -239,13 +180,17 @@ def test_version_change_replaces_one_pod_at_a_time(
     api.create(manager_body(nodes=3))
     with running_operator(k8s_namespace):
         wait_for(lambda: api.ready(3, "20.0.1"), 90, what="three nodes")
+        old = api.uids()
         log = PodLog(k8s_workloads.api_client, k8s_namespace)
         try:
             api.patch_spec({"version": "20.1.0"})
             wait_for(lambda: api.ready(3, "20.1.0"), 120, what="upgraded")
         finally:
             log.stop()
-    assert log.deleted() == ["mgr-0", "mgr-1", "mgr-2"]
+    assert_deleted_exactly(
+        operator_deletions(k8s_workloads, k8s_namespace),
+        [(n, old[n]) for n in ("mgr-0", "mgr-1", "mgr-2")],
+    )
     assert log.starts_while_others_unready() == []
     rollout = api.get()["status"]["rollout"]
     assert rollout["state"] == "Complete"
@@ -265,6 +210,7 @@ def test_operator_restart_in_the_middle_of_an_upgrade_resumes(
     api.create(manager_body(nodes=3))
     with running_operator(k8s_namespace):
         wait_for(lambda: api.ready(3, "20.0.1"), 90, what="three nodes")
+        old = api.uids()
         api.patch_spec({"version": "20.1.0"})
         wait_for(
             lambda: (api.get()["status"].get("rollout") or {}).get("lastReplacedPod"),
@@ -279,6 +225,11 @@ def test_operator_restart_in_the_middle_of_an_upgrade_resumes(
     rollout = api.get()["status"]["rollout"]
     assert rollout["startedAt"] == started
     assert rollout["state"] == "Complete"
+    # Each old pod replaced once, across both operators.
+    assert_deleted_exactly(
+        operator_deletions(k8s_workloads, k8s_namespace),
+        [(n, old[n]) for n in ("mgr-0", "mgr-1", "mgr-2")],
+    )
 
 
 def test_secret_change_rolls_the_pods_and_nothing_else_does(
@@ -373,36 +324,52 @@ def test_a_version_that_never_gets_ready_stops_the_rollout(
     api: Api, operator_env: int, k8s_namespace: str, k8s_workloads: Any
 ) -> None:
     """The new version cannot come up (here: its pods cannot be scheduled). After the ready
-    timeout the rollout stops with Degraded and an Event, touching no further pod; reverting the
-    spec replaces the broken pod and recovers."""
+    timeout the rollout stops with Degraded and an Event, touching no further pod; a scale-down
+    asked for meanwhile waits rather than take a healthy node out too; reverting the spec
+    replaces the broken pod, recovers, and then scales down."""
     api.secrets()
     api.create(manager_body(nodes=3, nodeReadyTimeoutSeconds=60))
     with running_operator(k8s_namespace):
         wait_for(lambda: api.ready(3, "20.0.1"), 90, what="three nodes")
-        log = PodLog(k8s_workloads.api_client, k8s_namespace)
-        try:
-            api.patch_spec(
-                {"version": "20.1.0", "scheduling": {"nodeSelector": {"dsm.test/none": "x"}}}
-            )
-            wait_for(
-                lambda: api.condition("Degraded").get("reason") == "RolloutStalled",
-                150,
-                what="Degraded RolloutStalled",
-            )
-            # No pod but the first was touched. (Once in four full runs under load mgr-0 was
-            # replaced twice before the stall; the rule under test is that mgr-1 and mgr-2 stay.)
-            stalled_deletions = log.deleted()
-            assert set(stalled_deletions) == {"mgr-0"}, stalled_deletions
-            status = api.get()["status"]
-            assert status["rollout"]["state"] == "Stalled"
-            assert status["rollout"]["pending"] == ["mgr-1", "mgr-2"]
-            assert api.condition("Progressing")["status"] == "False"
-            assert "RolloutStalled" in [r for r, _ in api.events()]
-            # Revert: the broken pod is the outdated one now and is replaced first.
-            api.patch_spec({"version": "20.0.1", "scheduling": None})  # merge patch: null removes
-            wait_for(lambda: api.ready(3, "20.0.1"), 90, what="recovered after the revert")
-            assert api.condition("Degraded")["status"] == "False"
-            # the revert replaced the broken mgr-0 once more, and still nothing else
-            assert log.deleted() == [*stalled_deletions, "mgr-0"]
-        finally:
-            log.stop()
+        old = api.uids()
+        api.patch_spec(
+            {"version": "20.1.0", "scheduling": {"nodeSelector": {"dsm.test/none": "x"}}}
+        )
+        wait_for(
+            lambda: api.condition("Degraded").get("reason") == "RolloutStalled",
+            150,
+            what="Degraded RolloutStalled",
+        )
+        # The operator replaced mgr-0 and touched nothing else.
+        assert_deleted_exactly(
+            operator_deletions(k8s_workloads, k8s_namespace), [("mgr-0", old["mgr-0"])]
+        )
+        broken = api.uids()["mgr-0"]
+        status = api.get()["status"]
+        assert status["rollout"]["state"] == "Stalled"
+        assert status["rollout"]["pending"] == ["mgr-1", "mgr-2"]
+        assert api.condition("Progressing")["status"] == "False"
+        assert "RolloutStalled" in [r for r, _ in api.events()]
+        # nodes 3 -> 2 while mgr-0 is broken: removing mgr-2 would put a second node out.
+        api.patch_spec({"nodes": 2})
+        generation = api.get()["metadata"]["generation"]
+        # The pass that records this generation is the one that planned with nodes: 2 (the
+        # status is written after the action), so what it did is visible once it is recorded.
+        wait_for(lambda: api.get()["status"]["observedGeneration"] == generation, 60)
+        assert api.apps.read_namespaced_stateful_set("mgr", k8s_namespace).spec.replicas == 3
+        assert api.condition("Degraded")["reason"] == "RolloutStalled"
+        assert sorted(api.uids()) == ["mgr-0", "mgr-1", "mgr-2"]
+        # Revert: the broken pod is the outdated one now and is replaced first; then the
+        # scale-down proceeds.
+        api.patch_spec({"version": "20.0.1", "scheduling": None})  # merge patch: null removes
+        wait_for(
+            lambda: api.ready(2, "20.0.1") and len(api.pods()) == 2,
+            120,
+            what="recovered after the revert, then scaled down",
+        )
+        assert api.condition("Degraded")["status"] == "False"
+        # The revert replaced the broken mgr-0 once more, and still nothing else.
+        assert_deleted_exactly(
+            operator_deletions(k8s_workloads, k8s_namespace),
+            [("mgr-0", old["mgr-0"]), ("mgr-0", broken)],
+        )

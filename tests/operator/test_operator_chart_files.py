@@ -70,3 +70,10 @@ def test_helm_test_hook_exists() -> None:
     tests = list((CHART / "templates" / "tests").glob("*.yaml"))
     assert tests
     assert all("helm.sh/hook: test" in t.read_text() for t in tests)
+
+
+def test_notes_name_no_stale_version_and_no_placeholder_url() -> None:
+    notes = (CHART / "templates" / "NOTES.txt").read_text()
+    assert "20.0.1" not in notes
+    assert "{{ .Chart.AppVersion }}" in notes
+    assert "https://" not in notes and "<this chart>" not in notes

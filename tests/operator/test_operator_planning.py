@@ -11,7 +11,7 @@ from collections.abc import Callable
 import pytest
 
 from dsm_operator.reconcile import planning
-from dsm_operator.reconcile.planning import Kind, PodState, Reason, SetState, World
+from dsm_operator.reconcile.planning import Kind, Launch, PodState, Reason, SetState, World
 
 T0 = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
 TIMEOUT = datetime.timedelta(seconds=600)
@@ -45,7 +45,9 @@ def world(
     paused: bool = False,
     observed: bool = True,
     statuses: dict[str, str] | None = None,
+    launch: tuple[str, float] | None = None,
 ) -> World:
+    """``launch``: (pod, seconds ago) of the launch the status remembers."""
     return World(
         desired=desired,
         paused=paused,
@@ -54,6 +56,9 @@ def world(
         statefulset=None if replicas is None else SetState(replicas, revision, observed),
         pods=pods,
         node_statuses=statuses or {},
+        launch=None
+        if launch is None
+        else Launch(launch[0], T0 - datetime.timedelta(seconds=launch[1])),
     )
 
 
@@ -102,10 +107,48 @@ def test_scale_up_one_step_when_all_ready() -> None:
 
 
 def test_scale_up_waits_for_the_newest_pod_to_be_ready() -> None:
-    result = planning.plan(world(5, 2, [pod(0), pod(1, ready=False)]), "m")
+    result = planning.plan(world(5, 2, [pod(0), pod(1, ready=False)], launch=("m-1", 5)), "m")
     assert result.action.kind is Kind.WAIT
     assert result.action.reason is Reason.NODE_STARTING
     assert result.action.pod == "m-1"
+    assert result.launch == Launch("m-1", T0 - datetime.timedelta(seconds=5))
+
+
+def test_scale_up_remembers_the_launch() -> None:
+    result = planning.plan(world(5, 1, [pod(0)]), "m")
+    assert result.action.kind is Kind.SCALE_UP
+    assert result.launch == Launch("m-1", T0)
+
+
+def test_a_launch_ends_when_its_node_is_ready() -> None:
+    result = planning.plan(world(2, 2, [pod(0), pod(1)], launch=("m-1", 50)), "m")
+    assert result.action.kind is Kind.IDLE
+    assert result.launch is None
+
+
+def test_a_launch_ends_when_its_node_is_scaled_away() -> None:
+    pods = [pod(0), pod(1, ready=False)]
+    result = planning.plan(world(1, 2, pods, launch=("m-1", 50)), "m")
+    assert result.action.kind is Kind.SCALE_DOWN
+    scaled = planning.plan(world(1, 1, [pod(0)], launch=("m-1", 60)), "m")
+    assert scaled.launch is None
+
+
+def test_a_long_running_node_turning_unready_is_not_a_stalled_launch() -> None:
+    """No launch in progress: the node was Ready once and is waited for, never LaunchStalled."""
+    result = planning.plan(world(3, 3, [pod(0), pod(1, ready=False, age=99999), pod(2)]), "m")
+    assert result.action.kind is Kind.WAIT
+    assert result.action.reason is Reason.NODE_UNREADY
+    assert result.launch is None
+
+
+def test_launch_stall_is_measured_from_the_launch_not_the_pod() -> None:
+    """The pod of a launch begun 10 s ago may be much older (re-created, or kept across an
+    operator restart): only the launch's own age counts."""
+    pods = [pod(0), pod(1, ready=False, age=5000)]
+    result = planning.plan(world(5, 2, pods, launch=("m-1", 10)), "m")
+    assert result.action.kind is Kind.WAIT
+    assert result.action.reason is Reason.NODE_STARTING
 
 
 def test_scale_up_waits_for_a_missing_pod() -> None:
@@ -121,15 +164,22 @@ def test_scale_up_waits_for_any_unready_pod_not_only_the_newest() -> None:
 
 
 def test_launch_stalls_after_the_timeout() -> None:
-    result = planning.plan(world(5, 2, [pod(0), pod(1, ready=False, age=601)]), "m")
+    result = planning.plan(world(5, 2, [pod(0), pod(1, ready=False)], launch=("m-1", 601)), "m")
     assert result.action.kind is Kind.STALLED
     assert result.action.reason is Reason.LAUNCH_STALLED
     assert result.action.pod == "m-1"
 
 
 def test_launch_just_under_the_timeout_still_waits() -> None:
-    result = planning.plan(world(5, 2, [pod(0), pod(1, ready=False, age=599)]), "m")
+    result = planning.plan(world(5, 2, [pod(0), pod(1, ready=False)], launch=("m-1", 599)), "m")
     assert result.action.kind is Kind.WAIT
+
+
+def test_a_launch_whose_pod_never_appears_stalls() -> None:
+    result = planning.plan(world(5, 2, [pod(0)], launch=("m-1", 601)), "m")
+    assert result.action.kind is Kind.STALLED
+    assert result.action.reason is Reason.LAUNCH_STALLED
+    assert "not even created" in result.action.message
 
 
 def test_scale_down_one_step_highest_first() -> None:
@@ -144,8 +194,54 @@ def test_scale_down_waits_for_the_terminating_pod() -> None:
     assert result.action.reason is Reason.POD_TERMINATING
 
 
-def test_scale_down_goes_first_even_with_unready_pods() -> None:
+def test_scale_down_removes_an_unready_highest_node() -> None:
+    """The node removed is the one out of service: nothing else is taken down."""
     result = planning.plan(world(2, 3, [pod(0), pod(1), pod(2, ready=False, age=9999)]), "m")
+    assert result.action.kind is Kind.SCALE_DOWN
+
+
+def test_scale_down_waits_while_another_node_is_unready() -> None:
+    result = planning.plan(world(2, 3, [pod(0, ready=False), pod(1), pod(2)]), "m")
+    assert result.action.kind is Kind.WAIT
+    assert result.action.reason is Reason.SCALE_DOWN_WAITING
+    assert result.action.pod == "m-0"
+
+
+def test_scale_down_during_a_stuck_rollout_waits_and_stays_degraded() -> None:
+    """The audited case: m-0 re-created on a broken version is Pending; nodes 3 -> 2 must not
+    remove the healthy m-2 (two nodes out of service)."""
+    pods = [pod(0, "r2", ready=False, age=700), pod(1, age=5000), pod(2, age=5000)]
+    stuck = planning.plan(world(2, 3, pods, revision="r2", launch=("m-0", 700)), "m")
+    assert stuck.action.kind is Kind.STALLED
+    assert stuck.action.reason is Reason.ROLLOUT_STALLED
+    assert stuck.action.pod == "m-0"
+    early = planning.plan(world(2, 3, pods, revision="r2", launch=("m-0", 30)), "m")
+    assert early.action.kind is Kind.WAIT
+    assert early.action.reason is Reason.NODE_STARTING
+    assert "removing node m-2 waits" in early.action.message
+
+
+def test_after_a_revert_the_broken_pod_is_replaced_before_the_scale_down() -> None:
+    """The broken m-0 is the outdated pod now: the rollout replaces it, the scale-down waits."""
+    pods = [pod(0, "r2", ready=False, age=700), pod(1, age=5000), pod(2, age=5000)]
+    result = planning.plan(world(2, 3, pods, revision="r1", launch=("m-0", 700)), "m")
+    assert result.action.kind is Kind.REPLACE_POD
+    assert result.action.pod == "m-0"
+
+
+def test_scale_down_with_an_unready_node_and_no_rollout_waits() -> None:
+    pods = [pod(0, ready=False, age=5000), pod(1), pod(2)]
+    result = planning.plan(world(2, 3, pods), "m")
+    assert result.action.kind is Kind.WAIT
+    assert result.action.reason is Reason.SCALE_DOWN_WAITING
+    stalled = planning.plan(world(2, 3, pods, launch=("m-0", 700)), "m")
+    assert stalled.action.kind is Kind.STALLED
+
+
+def test_scale_down_during_a_rollout_may_remove_an_outdated_unready_node() -> None:
+    """Outdated nodes are expected to be unready during an upgrade; removing one is fine."""
+    pods = [pod(0, "r2"), pod(1, "r1", ready=False), pod(2, "r1", ready=False)]
+    result = planning.plan(world(2, 3, pods, revision="r2"), "m")
     assert result.action.kind is Kind.SCALE_DOWN
 
 
@@ -191,11 +287,31 @@ def test_rollout_stalls_when_the_new_version_never_gets_ready() -> None:
         pod(1, ready=False, age=5000),
         pod(2, ready=False, age=5000),
     ]
-    result = planning.plan(world(3, 3, pods, revision="r2"), "m")
+    result = planning.plan(world(3, 3, pods, revision="r2", launch=("m-0", 601)), "m")
     assert result.action.kind is Kind.STALLED
     assert result.action.reason is Reason.ROLLOUT_STALLED
     assert result.action.pod == "m-0"
     assert "2 pod(s) left" in result.action.message
+
+
+def test_rollout_stall_without_a_remembered_launch_falls_back_to_creation() -> None:
+    pods = [pod(0, "r2", ready=False, age=601), pod(1, age=5000), pod(2, age=5000)]
+    result = planning.plan(world(3, 3, pods, revision="r2"), "m")
+    assert result.action.kind is Kind.STALLED
+
+
+def test_replacing_a_pod_remembers_the_launch() -> None:
+    result = planning.plan(world(3, 3, [pod(0), pod(1), pod(2)], revision="r2"), "m")
+    assert result.action.kind is Kind.REPLACE_POD
+    assert result.launch == Launch("m-0", T0)
+
+
+def test_a_replacement_ready_before_turning_unready_waits_without_stalling() -> None:
+    """m-0 was replaced and Ready; later it turns unready while m-1 is being launched."""
+    pods = [pod(0, "r2", ready=False, age=5000), pod(1, "r2", age=1), pod(2, "r1", age=9000)]
+    result = planning.plan(world(3, 3, pods, revision="r2", launch=("m-1", 700)), "m")
+    assert result.action.kind is Kind.WAIT
+    assert result.action.pod == "m-0"
 
 
 def test_rollout_waits_for_the_deleted_pod_to_come_back() -> None:
@@ -293,9 +409,15 @@ class Sim:
     launches: list[int] = dataclasses.field(default_factory=list)
     deletions: list[str] = dataclasses.field(default_factory=list)
     max_starting: int = 0
+    launch: Launch | None = None
+    """What the status remembers between passes."""
 
     def newest(self) -> str:
-        running = [p.version for p in self.pods.values() if not p.deleting]
+        # A bad version never starts (like a pod that cannot be scheduled): it takes no node
+        # out of service by itself.
+        running = [
+            p.version for p in self.pods.values() if not p.deleting and p.version not in self.bad
+        ]
         return max(running, key=lambda v: tuple(int(x) for x in v.split("."))) if running else ""
 
     def ready(self, p: SimPod) -> bool:
@@ -337,7 +459,15 @@ class Sim:
             )
             for p in sorted(self.pods.values(), key=lambda p: p.ordinal)
         ]
-        return World(desired, False, TIMEOUT, now, SetState(self.replicas, self.revision), pods)
+        return World(
+            desired,
+            False,
+            TIMEOUT,
+            now,
+            SetState(self.replicas, self.revision),
+            pods,
+            launch=self.launch,
+        )
 
     def apply(self, action: planning.Action) -> None:
         if action.kind in (Kind.SCALE_UP, Kind.SCALE_DOWN):
@@ -356,6 +486,7 @@ class Sim:
             self.tick += 1
             self.step_controller()
             result = planning.plan(self.observe(desired), "m")
+            self.launch = result.launch
             if until(result):
                 return result
             self.apply(result.action)
@@ -427,7 +558,9 @@ def test_sim_bad_version_stops_the_rollout_after_one_pod() -> None:
     for _ in range(5):
         sim.tick += 1
         sim.step_controller()
-        assert planning.plan(sim.observe(3), "m").action.kind is Kind.STALLED
+        again = planning.plan(sim.observe(3), "m")
+        sim.launch = again.launch
+        assert again.action.kind is Kind.STALLED
     assert sim.deletions == ["m-0"]
 
 
@@ -444,6 +577,30 @@ def test_sim_revert_after_a_bad_version_recovers() -> None:
     sim.revision = "r1"
     sim.run(3, idle)
     assert {p.version for p in sim.pods.values()} == {"1.0.0"}
+    assert sim.deletions == ["m-0", "m-0"]
+
+
+def test_sim_scale_down_during_a_stuck_rollout_never_takes_a_second_node_out() -> None:
+    sim = Sim(
+        replicas=1,
+        revision="r1",
+        versions={"r1": "1.0.0", "r2": "1.1.0"},
+        bad=frozenset({"1.1.0"}),
+    )
+    sim.run(3, idle)
+    sim.revision = "r2"
+    sim.run(3, lambda r: r.action.kind is Kind.STALLED)
+    for _ in range(10):  # nodes 3 -> 2 while m-0 is broken: nothing moves
+        sim.tick += 1
+        sim.step_controller()
+        result = planning.plan(sim.observe(2), "m")
+        sim.launch = result.launch
+        assert result.action.kind is Kind.STALLED
+        sim.apply(result.action)
+    assert sim.replicas == 3
+    sim.revision = "r1"  # revert: the broken pod is replaced, then the scale-down proceeds
+    sim.run(2, idle)
+    assert sim.replicas == 2
     assert sim.deletions == ["m-0", "m-0"]
 
 

@@ -79,7 +79,7 @@ class NodeApi:
 
     async def decommission(self, target: Target, node: str) -> int:
         """POST the decommission; returns the HTTP status (200 done, 409 not offline, 404)."""
-        url = f"{target.base_url}{names.NODES_PATH}/{node}/decommission"
+        url = f"{target.base_url}{names.DECOMMISSION_PATH.format(name=node)}"
         async with (
             aiohttp.ClientSession(timeout=self._timeout) as session,
             session.post(url, **self._kwargs(target)) as resp,

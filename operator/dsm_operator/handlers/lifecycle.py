@@ -36,7 +36,8 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Any, **_: Any) -> None:
     operator_settings = OperatorSettings()
-    # Our own marker and storage keys, never kopf's shared defaults (FIELD-NOTES §4).
+    # Our own marker and storage keys, never kopf's defaults (shared by every kopf operator;
+    # changing them later would re-handle every object).
     settings.persistence.finalizer = names.FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
         prefix=names.ANNOTATION_PREFIX

@@ -35,6 +35,8 @@ class Reason(enum.StrEnum):
     NODES_NOT_READY = "NodesNotReady"
     ROLLOUT_IN_PROGRESS = "RolloutInProgress"
     SECRET_NOT_FOUND = "SecretNotFound"
+    OWNERSHIP_CONFLICT = "OwnershipConflict"
+    APPLY_FAILED = "ApplyFailed"
     AS_EXPECTED = "AsExpected"
 
 
@@ -87,3 +89,12 @@ def find(conditions: Sequence[dict[str, Any]] | None, type_: str) -> dict[str, A
         if cond.get("type") == type_:
             return cond
     return None
+
+
+def is_already(
+    conditions: Sequence[dict[str, Any]] | None, type_: str, status: Status, reason: str
+) -> bool:
+    """Whether the condition ``type_`` already has this status and reason (so an Event about it
+    would repeat old news)."""
+    found = find(conditions, type_)
+    return found is not None and found.get("status") == status and found.get("reason") == reason

@@ -6,6 +6,7 @@ constant here, in the manner of CloudNativePG's in-pod paths and ports.
 
 from __future__ import annotations
 
+import enum
 from typing import Final
 
 GROUP: Final = "security.dsm.dev"
@@ -21,6 +22,9 @@ FINALIZER: Final = f"{OPERATOR_DOMAIN}/finalizer"
 ANNOTATION_PREFIX: Final = OPERATOR_DOMAIN
 CONFIG_HASH_ANNOTATION: Final = f"{OPERATOR_DOMAIN}/config-hash"
 FIELD_MANAGER: Final = "dsm-operator"
+#: Prefix of the User-Agent of every request the operator's gateway sends, so that an audit log
+#: (and the tests, which read one) can tell the operator's own requests from everyone else's.
+USER_AGENT: Final = "dsm-operator"
 
 # Labels (the recommended app.kubernetes.io set).
 LABEL_NAME: Final = "app.kubernetes.io/name"
@@ -43,14 +47,24 @@ HEALTHZ_PATH: Final = "/healthz"
 READYZ_PATH: Final = "/readyz"
 METRICS_PATH: Final = "/metrics"
 NODES_PATH: Final = "/api/nodes"
+DECOMMISSION_PATH: Final = "/api/nodes/{name}/decommission"
 SETTINGS_PATH: Final = "/api/settings"
-STATUS_ONLINE: Final = "Online"
-STATUS_OFFLINE: Final = "Offline"
-STATUS_UPGRADE_REQUIRED: Final = "Offline (Upgrade Required)"
-STATUS_DECOMMISSIONED: Final = "Decommissioned"
+
+
+class NodeStatus(enum.StrEnum):
+    """A node's status as the managers report it (``GET /api/nodes``), spelled as administrators
+    see it. tests/operator/test_operator_node_contract.py ties it to the node's own enum."""
+
+    ONLINE = "Online"
+    OFFLINE = "Offline"
+    UPGRADE_REQUIRED = "Offline (Upgrade Required)"
+    DECOMMISSIONED = "Decommissioned"
+
+
+#: What ``status.nodes[].status`` says when no manager answered (the operator's, not a node's).
 STATUS_UNKNOWN: Final = "Unknown"
 #: Statuses in which a node may be decommissioned (the node answers 409 otherwise).
-OFFLINE_STATUSES: Final = frozenset({STATUS_OFFLINE, STATUS_UPGRADE_REQUIRED})
+OFFLINE_STATUSES: Final = frozenset({NodeStatus.OFFLINE, NodeStatus.UPGRADE_REQUIRED})
 
 # Mount points inside the node container.
 LOCAL_SECRET_DIR: Final = "/etc/dsm/local-secret"

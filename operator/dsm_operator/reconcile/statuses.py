@@ -6,24 +6,44 @@ differs, so a steady resource is never patched.
 
 Rollout progress is derived from the pods (which revision each runs), so it survives an operator
 restart without being trusted blindly: the status records *when* a rollout started, what it went
-from and to, and the last pod replaced -- things the world alone no longer tells.
+from and to, and the last pod replaced -- things the world alone no longer tells. Likewise the
+launch in progress (which node, since when), from which a stalled launch is measured.
+
+The status is written as a JSON merge patch; :func:`patch` turns the new status into one that
+also *removes* what no longer applies (a key set to ``null``), so a new rollout does not keep
+the previous one's ``finishedAt``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import enum
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
-from dsm_operator.reconcile import conditions, names, planning
+from dsm_operator.reconcile import conditions, manifests, names, planning
 from dsm_operator.reconcile.conditions import Condition, Status, Type
 from dsm_operator.reconcile.specs import ManagerSpec
 
-ROLLOUT_IN_PROGRESS = "InProgress"
-ROLLOUT_STALLED = "Stalled"
-ROLLOUT_COMPLETE = "Complete"
 DECOMMISSIONED_HISTORY = 20
+
+
+class RolloutState(enum.StrEnum):
+    """``status.rollout.state``."""
+
+    IN_PROGRESS = "InProgress"
+    STALLED = "Stalled"
+    COMPLETE = "Complete"
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocker:
+    """Why a pass stopped before acting (a missing Secret, an object that is not ours, a write
+    the API server refused): shown as ``Degraded`` with this reason and message."""
+
+    reason: conditions.Reason
+    message: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +67,7 @@ class Observation:
     plan: planning.Plan
     reports: Sequence[NodeReport] = ()
     node_api_error: str | None = None
-    secret_problem: str | None = None
+    blocked: Blocker | None = None
     replaced_pod: str | None = None
     """The pod deleted in this pass, if any."""
     decommissioned: Sequence[str] = ()
@@ -71,9 +91,9 @@ def _rollout(obs: Observation, previous: Mapping[str, Any], current_version: str
     sts = obs.world.statefulset
     now = _ts(obs.world.now)
     if sts is None or not obs.plan.rolling:
-        if prev.get("state") in (ROLLOUT_IN_PROGRESS, ROLLOUT_STALLED):
+        if prev.get("state") in (RolloutState.IN_PROGRESS, RolloutState.STALLED):
             prev.update(
-                state=ROLLOUT_COMPLETE,
+                state=RolloutState.COMPLETE,
                 finishedAt=now,
                 pending=[],
                 updated=prev.get("total", 0),
@@ -82,17 +102,17 @@ def _rollout(obs: Observation, previous: Mapping[str, Any], current_version: str
         return prev
     target = sts.update_revision or ""
     live = [p for p in obs.world.pods if not p.terminating]
-    if prev.get("targetRevision") != target or prev.get("state") == ROLLOUT_COMPLETE:
+    if prev.get("targetRevision") != target or prev.get("state") == RolloutState.COMPLETE:
+        # A new rollout: nothing of the previous one carries over (patch() removes its keys).
         prev = {
             "targetRevision": target,
             "targetVersion": obs.spec.version,
             "fromVersion": current_version,
             "startedAt": now,
         }
-        prev.pop("finishedAt", None)
     stalled = obs.plan.action.kind is planning.Kind.STALLED
     prev.update(
-        state=ROLLOUT_STALLED if stalled else ROLLOUT_IN_PROGRESS,
+        state=RolloutState.STALLED if stalled else RolloutState.IN_PROGRESS,
         targetVersion=obs.spec.version,
         total=len(live),
         updated=sum(1 for p in live if p.revision == target),
@@ -111,7 +131,7 @@ def _nodes(obs: Observation) -> list[dict[str, Any]]:
     for name in sorted(set(pods) | set(reports), key=lambda n: (len(n), n)):
         pod = pods.get(name)
         report = reports.get(name)
-        if report is not None and report.status == names.STATUS_DECOMMISSIONED and pod is None:
+        if report is not None and report.status == names.NodeStatus.DECOMMISSIONED and pod is None:
             continue
         entry: dict[str, Any] = {
             "name": name,
@@ -134,18 +154,13 @@ def _conditions(obs: Observation) -> list[Condition]:
     live = [p for p in world.pods if not p.terminating]
     ready = sum(1 for p in live if p.ready)
     summary = f"{ready}/{world.desired} nodes ready"
-    if obs.secret_problem:
+    if obs.blocked is not None:
+        # The spec of this generation is not (fully) applied: not Ready, whatever the pods say.
+        reason, message = obs.blocked.reason, obs.blocked.message
         return [
-            Condition(Type.READY, Status.FALSE, conditions.Reason.SECRET_NOT_FOUND, summary),
-            Condition(
-                Type.PROGRESSING,
-                Status.FALSE,
-                conditions.Reason.SECRET_NOT_FOUND,
-                obs.secret_problem,
-            ),
-            Condition(
-                Type.DEGRADED, Status.TRUE, conditions.Reason.SECRET_NOT_FOUND, obs.secret_problem
-            ),
+            Condition(Type.READY, Status.FALSE, reason, f"{summary}; {message}"),
+            Condition(Type.PROGRESSING, Status.FALSE, reason, message),
+            Condition(Type.DEGRADED, Status.TRUE, reason, message),
         ]
     all_ready = (
         world.statefulset is not None
@@ -222,10 +237,100 @@ def build(obs: Observation, previous: Mapping[str, Any] | None) -> dict[str, Any
         status["loadBalancerAddress"] = obs.load_balancer_address
     elif previous.get("loadBalancerAddress"):
         status["loadBalancerAddress"] = previous["loadBalancerAddress"]
+    launch = obs.plan.launch
+    if launch is not None:
+        status["launch"] = {"pod": launch.pod, "startedAt": _ts(launch.started_at)}
     return status
+
+
+def launch_of(status: Mapping[str, Any] | None) -> planning.Launch | None:
+    """The launch the status remembers (``status.launch``), if any."""
+    record = (status or {}).get("launch") or {}
+    pod, started = record.get("pod"), record.get("startedAt")
+    if not pod or not started:
+        return None
+    try:
+        at = datetime.datetime.fromisoformat(str(started).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return planning.Launch(str(pod), at if at.tzinfo else at.replace(tzinfo=datetime.UTC))
+
+
+OPTIONAL_KEYS: Final = frozenset(
+    {"launch", "rollout", "decommissioned", "loadBalancerAddress", "agentSettings"}
+)
+"""Status keys the operator writes only sometimes: absent from a new status means removed."""
+NESTED_KEYS: Final[Mapping[str, frozenset[str]]] = {
+    "rollout": frozenset(
+        {
+            "state",
+            "targetRevision",
+            "targetVersion",
+            "fromVersion",
+            "startedAt",
+            "finishedAt",
+            "updated",
+            "total",
+            "pending",
+            "lastReplacedPod",
+            "lastReplacedAt",
+            "message",
+        }
+    ),
+    "agentSettings": frozenset({"mode", *manifests.AGENT_SETTING_KEYS}),
+    "launch": frozenset({"pod", "startedAt"}),
+}
+"""The keys of the operator's nested status objects (absent from a new one means removed)."""
+
+
+def _differs(previous: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    """Whether writing ``new`` over ``previous`` as :func:`patch` does would change anything."""
+    for key in OPTIONAL_KEYS:
+        if key not in new and previous.get(key) is not None:
+            return True
+    for key, value in new.items():
+        old = previous.get(key)
+        if isinstance(value, Mapping) and isinstance(old, Mapping):
+            if any(old.get(k) is not None for k in NESTED_KEYS.get(key, ()) if k not in value):
+                return True
+            if any(old.get(k) != v for k, v in value.items()):
+                return True
+        elif old != value or key not in previous:
+            return True
+    return False
+
+
+def patch(previous: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch that writes ``new``, or ``{}`` when ``previous`` already says it.
+
+    The patch is the whole new status plus ``None`` (removal) for every optional key and every
+    nested key the operator owns that ``new`` lacks -- whatever ``previous`` says. kopf hands a
+    pass the body of the event that woke it, which may predate the last status write (a timer and
+    a change handler queue on one lock), so removals cannot be derived from it. Lists are
+    replaced whole, as a merge patch does.
+    """
+    if not _differs(previous or {}, new):
+        return {}
+    result: dict[str, Any] = {key: None for key in OPTIONAL_KEYS if key not in new}
+    for key, value in new.items():
+        nested = NESTED_KEYS.get(key)
+        if nested is not None and isinstance(value, Mapping):
+            result[key] = {**dict.fromkeys(nested - value.keys()), **value}
+        else:
+            result[key] = value
+    return result
+
+
+def rollout_completed(previous: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
+    """Whether ``new`` is the status in which the rollout of ``previous`` completed."""
+    before = ((previous or {}).get("rollout") or {}).get("state")
+    after = (new.get("rollout") or {}).get("state")
+    return after == RolloutState.COMPLETE and before in (
+        RolloutState.IN_PROGRESS,
+        RolloutState.STALLED,
+    )
 
 
 def changed(previous: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
     """Whether writing ``new`` would change anything the operator owns."""
-    previous = previous or {}
-    return any(previous.get(k) != v for k, v in new.items())
+    return bool(patch(previous, new))
