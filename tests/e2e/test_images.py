@@ -25,7 +25,8 @@ from dsm_node.embedded_pg import free_port
 from tests.e2e import containers
 from tests.support.nodes import LOCAL_SECRET, next_address, wait_until
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+# e2e: needs the images `make test` builds first (`make test-fast` does not build them).
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 REPO = containers.REPO
 USERS = {"node": "10001:10001", "operator": "10002:10002"}
