@@ -40,3 +40,9 @@ async def record_effect(ctx: JobContext, payload: Payload) -> None:
 async def always_fails(ctx: JobContext, payload: Payload) -> None:
     """Raises every time: exercises retries and the dead-letter state."""
     raise RuntimeError(f"failing on purpose (attempt {ctx.attempt})")
+
+
+@job_type("report_for_auditors", max_attempts=3, timeout=10, required_role="auditor")
+async def report_for_auditors(ctx: JobContext, payload: Payload) -> None:
+    """A job type an auditor may enqueue (the role tests prove the registry's required role is
+    what decides, not a blanket rule)."""
