@@ -186,6 +186,7 @@ class GuardedSite(web.BaseSite):
             ssl=self._ssl_context,
             ssl_handshake_timeout=self._deadlines.tls_handshake_timeout,
             reuse_address=True,
+            backlog=1024,
         )
 
 
