@@ -9,13 +9,39 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dsm_node import __version__
 from dsm_node.settings_store import MIN_THRESHOLD_INTERVALS, ClusterSettings
 
 DEFAULT_HEARTBEAT_INTERVAL = ClusterSettings.model_fields["heartbeat_interval_seconds"].default
+EXPECTED_DATABASE_URL = "postgresql://USER:PASSWORD@HOST:PORT/DATABASE"
+
+
+def database_url_problem(url: str) -> str | None:
+    """Why a database URL cannot be used (malformed, or not PostgreSQL), or None."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    from dsm_node.db.engine import sqlalchemy_url
+
+    if not url.strip():
+        return f"it is empty; expected {EXPECTED_DATABASE_URL}"
+    try:
+        parsed = make_url(url)
+        _ = parsed.port  # a port that is not a number fails only here
+    except (ArgumentError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return f"it is malformed ({reason}); expected {EXPECTED_DATABASE_URL}"
+    try:
+        sqlalchemy_url(url)
+    except ValueError:
+        return (
+            f"its scheme {parsed.drivername!r} is not supported: dsm needs PostgreSQL, "
+            f"{EXPECTED_DATABASE_URL}"
+        )
+    return None
 
 
 class NodeConfig(BaseSettings):
@@ -95,6 +121,13 @@ class NodeConfig(BaseSettings):
     tls_handshake_timeout_seconds: float = Field(
         10.0, gt=0, le=3600, description="A TLS handshake must complete within this."
     )
+
+    @field_validator("database_url")
+    @classmethod
+    def _usable_database_url(cls, v: str) -> str:
+        if (problem := database_url_problem(v)) is not None:
+            raise ValueError(problem)
+        return v
 
     @model_validator(mode="after")
     def _seeded_settings_agree(self) -> NodeConfig:

@@ -7,6 +7,7 @@ same transaction that completes the job, so the table shows how often each job's
 from __future__ import annotations
 
 import asyncio
+import time
 
 from sqlalchemy import text
 
@@ -46,3 +47,9 @@ async def always_fails(ctx: JobContext, payload: Payload) -> None:
 async def report_for_auditors(ctx: JobContext, payload: Payload) -> None:
     """A job type an auditor may enqueue (the role tests prove the registry's required role is
     what decides, not a blanket rule)."""
+
+
+@job_type("block_event_loop", max_attempts=1, timeout=60)
+async def block_event_loop(ctx: JobContext, payload: Payload) -> None:
+    """Blocks the node's event loop for payload.seconds (a wedged node, for the liveness test)."""
+    time.sleep(float(payload["seconds"]))  # noqa: ASYNC251 (the point: a blocked loop)

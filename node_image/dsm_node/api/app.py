@@ -9,6 +9,7 @@ both before any handler runs. Authentication happens there and nowhere else.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import logging
@@ -220,8 +221,34 @@ def _printable(request: web.Request) -> str:
 # -- handlers -----------------------------------------------------------------------------
 
 
+NODE_LOOP_ANSWER_SECONDS = 2.0
+
+
+async def _nothing() -> None:
+    return None
+
+
 async def healthz(request: web.Request) -> web.Response:
+    """Alive means the node's own event loop answers (the API runs on another one): a node whose
+    loop is stuck is not healthy, even though this thread can still say so."""
     node = request.app[NODE_KEY]
+    node_loop = request.app.get(NODE_LOOP_KEY)
+    if node_loop is not None:
+        try:
+            answer = asyncio.run_coroutine_threadsafe(_nothing(), node_loop)
+            await asyncio.wait_for(asyncio.wrap_future(answer), NODE_LOOP_ANSWER_SECONDS)
+        except (TimeoutError, RuntimeError):
+            return web.json_response(
+                {
+                    "status": "stuck",
+                    "phase": node.phase,
+                    "degraded": [
+                        f"the node's event loop did not answer within "
+                        f"{NODE_LOOP_ANSWER_SECONDS:g} s"
+                    ],
+                },
+                status=503,
+            )
     degraded = node.degraded_reasons()
     return web.json_response(
         {"status": "degraded" if degraded else "ok", "phase": node.phase, "degraded": degraded}
@@ -341,14 +368,22 @@ ROUTES = [
     *admin.ROUTES,
 ]
 ROUTE_TABLE_KEY: web.AppKey[dict[int, Route]] = web.AppKey("routes")
+NODE_LOOP_KEY: web.AppKey[asyncio.AbstractEventLoop] = web.AppKey("node-loop")
 
 
-def build(node: Node, services: Services, limits: Limits | None = None) -> web.Application:
+def build(
+    node: Node,
+    services: Services,
+    limits: Limits | None = None,
+    node_loop: asyncio.AbstractEventLoop | None = None,
+) -> web.Application:
     app = web.Application(
         middlewares=[guard], client_max_size=max(r.max_body for r in ROUTES) or 1024
     )
     app[NODE_KEY] = node
     app[SERVICES_KEY] = services
+    if node_loop is not None:
+        app[NODE_LOOP_KEY] = node_loop
     app[LIMITS_KEY] = limits or Limits()
     table: dict[int, Route] = {}
     for r in ROUTES:

@@ -45,10 +45,12 @@ class ApiServer:
         self.node, self.config, self.ssl_context = node, config, ssl_context
         self._started: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._node_loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._thread = threading.Thread(target=self._run, name="dsm-api", daemon=True)
 
     async def start(self) -> None:
+        self._node_loop = asyncio.get_running_loop()
         self._thread.start()
         await asyncio.wrap_future(self._started)
 
@@ -82,7 +84,10 @@ class ApiServer:
             tls_handshake_timeout=cfg.tls_handshake_timeout_seconds,
         )
         app = api_app.build(
-            self.node, services, Limits(body_timeout_seconds=cfg.http_body_timeout_seconds)
+            self.node,
+            services,
+            Limits(body_timeout_seconds=cfg.http_body_timeout_seconds),
+            self._node_loop,
         )
         runner = web.AppRunner(app, handle_signals=False, **deadlines.handler_options())
         await runner.setup()
