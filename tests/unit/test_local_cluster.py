@@ -141,3 +141,28 @@ def test_the_table_shows_pids_and_restarts() -> None:
     finally:
         running.proc.kill()
         running.proc.wait()
+
+
+def test_warnings_stay_under_the_redrawn_table(capsys: pytest.CaptureFixture[str]) -> None:
+    screen = lc.Screen(live=True)
+    screen.show("NAME\nnode-1  running")
+    screen.warn("node-2 (PID 7) exited (killed by SIGKILL), restarting in 1 s")
+    screen.warn("node-2 (PID 7) exited (killed by SIGKILL), restarting in 1 s")  # shown once
+    screen.show("NAME\nnode-1  running\nnode-2  exited")
+    screen.show("NAME\nnode-1  running\nnode-2  running")
+    frames = capsys.readouterr().out.split("\033[2J\033[H")[1:]
+    assert len(frames) == 3
+    for frame in frames[1:]:  # every redraw after the warning still shows it, once, under the table
+        assert frame.count("exited (killed by SIGKILL)") == 1
+        assert frame.index("warning: node-2") > frame.index("NAME")
+
+
+def test_off_a_terminal_each_warning_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    screen = lc.Screen(live=False)
+    screen.warn("database unreachable: connection refused")
+    screen.warn("database unreachable: connection refused")
+    screen.show("NAME  LAST HEARTBEAT\nnode-1  1s ago")
+    screen.show("NAME  LAST HEARTBEAT\nnode-1  2s ago")  # only an age changed: not printed again
+    out = capsys.readouterr()
+    assert out.err.count("database unreachable") == 1
+    assert out.out.count("cluster status") == 1
