@@ -82,7 +82,7 @@ def waiting_on_locks(url: str) -> int:
         query(
             url,
             "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-            "AND application_name LIKE 'dsm-node:%'",
+            "AND application_name LIKE 'dsm-node:%' AND datname = current_database()",
         )[0][0]
     )
 
