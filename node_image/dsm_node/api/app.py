@@ -147,7 +147,13 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
         sqlalchemy.exc.InterfaceError,
         TimeoutError,
     ) as e:
-        log.warning("%s %s: database unavailable: %s", request.method, _printable(request), e)
+        listeners.REFUSALS.log(
+            logging.WARNING,
+            "%s %s: database unavailable: %s",
+            request.method,
+            _printable(request),
+            _one_line(str(e)),
+        )
         return _error(503, "database unavailable; retry shortly", {"Retry-After": "2"})
 
 
