@@ -1,31 +1,95 @@
 """Sign-in on any node: users, sessions and API keys, all in the shared database.
 
-Passwords are hashed with Argon2id (memory-hard). Session tokens and API keys are 256-bit random
-values; only their SHA-256 is stored (a fast hash suffices for values nobody can guess, and keeps
-every API request cheap). Failed sign-ins are counted in the database, so the limit holds across
-all nodes. Personal data (full name, e-mail) is encrypted with the master key.
+Passwords are hashed with Argon2id (memory-hard, 0.1-1 s of CPU each). That work never runs on the
+event loop: ``HASHING`` runs it on a few threads (argon2 releases the GIL) at a lower CPU priority
+than the loop, behind a bounded queue; a sign-in that finds the queue full is answered 503 with
+Retry-After at once. So no flood of sign-ins, however large, delays the node's heartbeat.
+
+Session tokens and API keys are 256-bit random values; only their SHA-256 is stored (a fast hash
+suffices for values nobody can guess, and keeps every API request cheap).
+
+Failed sign-ins are limited cluster-wide (``MAX_FAILURES`` per ``FAILURE_WINDOW_SECONDS`` per user
+name and per source address). The limit is atomic: before any password is checked, a failure
+*slot* is reserved in one transaction under advisory locks on the user name and on the source, and
+the slot is kept when the password is wrong and released when it is right. Concurrent attempts
+therefore never check more passwords than the limit allows, on one node or across nodes.
+Personal data (full name, e-mail) is encrypted with the master key.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
+import logging
+import os
 import secrets
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import argon2
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from dsm_node import roles
 from dsm_node.crypto import Keyring
 from dsm_node.db.queries import Q
+
+log = logging.getLogger("dsm.auth")
+_T = TypeVar("_T")
 
 SESSION_TTL_SECONDS = 8 * 3600
 MAX_FAILURES = 5
 FAILURE_WINDOW_SECONDS = 300
-ROLES = ("administrator", "auditor")
+ROLES = roles.ROLES
+# Any constant works as long as every node uses the same: the advisory-lock namespace of sign-in
+# rate limiting ("dsm-sign" in ASCII), combined with a hash of the user name or source.
+SIGN_IN_LOCK_SPACE = 0x64736D2D7369676E
 
 _hasher = argon2.PasswordHasher()  # Argon2id, 64 MiB, 3 passes: the library's recommendation
+
+
+class Busy(Exception):
+    """Every password-hashing slot is taken; the caller should retry shortly."""
+
+
+def _lower_priority() -> None:
+    """Hashing threads yield the CPU to the event loop (Linux: nice is per thread)."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+
+
+class HashingPool:
+    """Password hashing off the event loop: ``workers`` threads and at most ``queue`` waiting
+    requests; ``admit`` refuses at once (``Busy``) when all slots are taken."""
+
+    def __init__(self, workers: int = 2, queue: int = 8) -> None:
+        self.configure(workers, queue)
+
+    def configure(self, workers: int, queue: int) -> None:
+        self.workers, self.slots, self.in_use = workers, workers + queue, 0
+        self._executor = ThreadPoolExecutor(
+            workers, thread_name_prefix="argon2", initializer=_lower_priority
+        )
+
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[None]:
+        if self.in_use >= self.slots:
+            raise Busy(Busy.__doc__)
+        self.in_use += 1
+        try:
+            yield
+        finally:
+            self.in_use -= 1
+
+    async def run(self, fn: Callable[..., _T], *args: Any) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+
+HASHING = HashingPool()
 
 
 @dataclass(frozen=True)
@@ -42,8 +106,11 @@ class Principal:
 
 
 class SignInError(Exception):
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
+    """A sign-in that did not succeed: 401 wrong credentials, 429 rate limited, 503 busy."""
+
+    def __init__(self, status: int, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
+        self.status = status
         self.retry_after = retry_after
 
 
@@ -55,8 +122,24 @@ def new_token() -> str:
     return secrets.token_urlsafe(32)
 
 
-def hash_password(password: str) -> str:
-    return _hasher.hash(password)
+async def hash_password(password: str) -> str:
+    """Argon2id off the event loop (administrative paths wait for a thread; sign-in is admitted
+    through ``HASHING.admit`` first)."""
+    return await HASHING.run(_hasher.hash, password)
+
+
+def _verify(password_hash: str | None, password: str) -> bool:
+    """Checks a password; for an unknown user hashes anyway, so both cost the same."""
+    if password_hash is None:
+        _hasher.hash(password)
+        return False
+    try:
+        return _hasher.verify(password_hash, password)
+    except argon2.exceptions.VerificationError:
+        return False
+    except argon2.exceptions.InvalidHashError:
+        log.warning("a stored password hash is not an Argon2 hash; sign-in refused")
+        return False
 
 
 def user_context(username: str, field: str) -> str:
@@ -67,21 +150,21 @@ async def create_user(
     conn: AsyncConnection,
     keyring: Keyring,
     username: str,
-    password: str,
+    password_hash: str,
     role: str,
     full_name: str | None = None,
     email: str | None = None,
 ) -> int:
+    """Inserts a user whose password was hashed beforehand (``hash_password``), so that no
+    transaction stays open while Argon2 runs."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
-    if len(password) < 12:
-        raise ValueError("password must be at least 12 characters")
     row = (
         await conn.execute(
             Q.insert_user,
             {
                 "username": username,
-                "password_hash": hash_password(password),
+                "password_hash": password_hash,
                 "role": role,
                 "full_name": keyring.encrypt(full_name, user_context(username, "full_name"))
                 if full_name
@@ -105,7 +188,11 @@ async def bootstrap(
     (when no key with its hash exists). Returns what was created, for the log."""
     created = []
     if admin_password and (await conn.execute(Q.count_users)).one().n == 0:
-        await create_user(conn, keyring, admin_username, admin_password, "administrator")
+        if len(admin_password) < 12:
+            raise ValueError("the first administrator's password must be at least 12 characters")
+        await create_user(
+            conn, keyring, admin_username, await hash_password(admin_password), "administrator"
+        )
         created.append(f"administrator {admin_username!r}")
     if api_key:
         # Registered on every start when missing (a re-created operator brings a new key); the
@@ -141,36 +228,50 @@ async def authenticate(engine: AsyncEngine, bearer: str) -> Principal | None:
 async def sign_in(
     engine: AsyncEngine, username: str, password: str, source: str, node: str
 ) -> tuple[str, Any]:
-    """Returns (session token, expiry); raises SignInError (rate limited or wrong credentials)."""
+    """Returns (session token, expiry); raises SignInError (busy, rate limited, or wrong)."""
+    try:
+        with HASHING.admit():
+            return await _sign_in(engine, username, password, source, node)
+    except Busy:
+        raise SignInError(503, "too many sign-ins in progress; retry shortly", 1.0) from None
+
+
+async def _sign_in(
+    engine: AsyncEngine, username: str, password: str, source: str, node: str
+) -> tuple[str, Any]:
     async with engine.begin() as conn:
-        recent = (
+        # one order for every caller, so two attempts never wait on each other's second lock
+        for key in sorted({_lock_key("user", username), _lock_key("source", source)}):
+            await conn.execute(Q.advisory_xact_lock, {"key": key})
+        slot = (
             await conn.execute(
-                Q.recent_sign_in_failures,
-                {"username": username, "source": source, "window": FAILURE_WINDOW_SECONDS},
+                Q.reserve_sign_in_attempt,
+                {
+                    "username": username,
+                    "source": source,
+                    "window": FAILURE_WINDOW_SECONDS,
+                    "max_failures": MAX_FAILURES,
+                },
             )
         ).one()
-        if recent.n >= MAX_FAILURES:
+        if slot.id is None:
             raise SignInError(
-                "too many failed sign-ins; try again later", float(recent.retry_after or 1)
+                429, "too many failed sign-ins; try again later", float(slot.retry_after or 1)
             )
         user = (await conn.execute(Q.user_by_name, {"username": username})).first()
-    ok = False
-    if user is not None and not user.disabled:
-        try:
-            ok = _hasher.verify(user.password_hash, password)
-        except argon2.exceptions.VerificationError:
-            ok = False
-    else:
-        _hasher.hash(password)  # same cost whether or not the user exists
+    # The reserved slot counts as a failure from here on: it is released only on success.
+    stored_hash = user.password_hash if user is not None and not user.disabled else None
+    ok = await HASHING.run(_verify, stored_hash, password)
     if not ok or user is None:
-        async with engine.begin() as conn:  # committed before the error is raised
-            await conn.execute(Q.record_sign_in_failure, {"username": username, "source": source})
-        raise SignInError("wrong username or password")
+        raise SignInError(401, "wrong username or password")
+    new_hash = (
+        await HASHING.run(_hasher.hash, password)
+        if _hasher.check_needs_rehash(user.password_hash)
+        else None
+    )
     async with engine.begin() as conn:
-        if _hasher.check_needs_rehash(user.password_hash):
-            await conn.execute(
-                Q.set_password_hash, {"id": user.id, "password_hash": hash_password(password)}
-            )
+        if new_hash is not None:
+            await conn.execute(Q.set_password_hash, {"id": user.id, "password_hash": new_hash})
         await conn.execute(Q.clear_sign_in_failures, {"username": username})
         token = new_token()
         row = (
@@ -186,6 +287,12 @@ async def sign_in(
         ).one()
         await audit(conn, username, node, "sign-in", None, {}, source)
     return token, row.expires_at
+
+
+def _lock_key(kind: str, value: str) -> int:
+    """A signed 64-bit advisory-lock key for one user name or source address."""
+    digest = hashlib.sha256(f"{SIGN_IN_LOCK_SPACE}:{kind}:{value}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
 
 
 async def sign_out(engine: AsyncEngine, token: str) -> bool:

@@ -10,9 +10,11 @@
     dsm master-key rotate       re-encrypt secrets under a new master key
     dsm alerts                  open alerts
     dsm db upgrade              create or migrate the schema
+    dsm completion bash         a shell completion script
 
-Every command that prints takes ``--output json`` for scripts. Errors go to stderr with a non-zero
-exit: 2 for bad input or a node that cannot join, 1 for a server or network failure.
+Every command that prints takes ``--output json`` for scripts, before or after the command name.
+Errors go to stderr as one line with a non-zero exit: 2 for bad input or a node that cannot join,
+1 for a server or network failure.
 """
 
 from __future__ import annotations
@@ -28,6 +30,26 @@ from pydantic import ValidationError
 
 from dsm_node import __version__
 
+EXAMPLES = """\
+examples:
+  dsm up                                    a local 3-node cluster; Ctrl-C stops it
+  dsm nodes list                            every node: Online, Offline, Offline (Upgrade Required)
+  dsm jobs submit noop --count 1000         enqueue 1000 jobs
+  dsm jobs get 42 --output json             one job (its node, state, error), for scripts
+  dsm --output json jobs stats              --output goes before or after the command
+  dsm nodes decommission node-3             remove a node that is Offline
+  DSM_API_KEY=... dsm --server https://10.0.0.5:4119 --ca-file ca.pem nodes list
+  source <(dsm completion bash)             tab completion in bash
+
+connection (every command that talks to a node):
+  --server URL    https://HOST:PORT of any node              (env DSM_SERVER)
+  --ca-file FILE  CA certificate of the nodes' TLS           (env DSM_CA_FILE)
+  --api-key KEY   an API key; prefer the environment, which  (env DSM_API_KEY)
+                  other users cannot read in the process list
+  After `dsm up`, all three come from its context file (STATE_DIR/context.json; STATE_DIR is
+  DSM_STATE_DIR, ~/.local/share/dsm, or /var/lib/dsm as root).
+"""
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
@@ -41,19 +63,97 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dsm", description="Multi-node security manager")
-    p.add_argument("--version", action="version", version=f"dsm {__version__}")
-    sub = p.add_subparsers(metavar="COMMAND")
+def output_of(args: argparse.Namespace) -> str:
+    return str(getattr(args, "output", None) or "text")
 
-    up = sub.add_parser("up", help="run a local multi-node cluster (Ctrl-C stops it)")
+
+def _output_options() -> argparse.ArgumentParser:
+    """``--output``, accepted before the command name and after it (SUPPRESS: an absent flag
+    does not overwrite one given earlier)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument(
+        "--output",
+        "-o",
+        choices=["text", "json"],
+        default=argparse.SUPPRESS,
+        help="text for people (default) or json for scripts",
+    )
+    return p
+
+
+def _connection_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("connection")
+    g.add_argument(
+        "--server",
+        default=argparse.SUPPRESS,
+        help="https://HOST:PORT of any node (env DSM_SERVER; default: from `dsm up`)",
+    )
+    g.add_argument(
+        "--ca-file",
+        default=argparse.SUPPRESS,
+        help="CA certificate the node's certificate is checked against (env DSM_CA_FILE)",
+    )
+    g.add_argument(
+        "--api-key",
+        default=argparse.SUPPRESS,
+        help="API key (env DSM_API_KEY, which other users cannot see in the process list)",
+    )
+    g.add_argument(
+        "--insecure",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="do not check the node's certificate (tests only)",
+    )
+    return p
+
+
+def _group(sub: Any, name: str, help_: str, **kwargs: Any) -> Any:
+    """A command group (``dsm jobs``): alone, it prints its own help."""
+    parser = sub.add_parser(name, help=help_, description=help_, **kwargs)
+
+    def show_help(args: argparse.Namespace) -> int:
+        parser.print_help()
+        return 2
+
+    parser.set_defaults(func=show_help)
+    return parser, parser.add_subparsers(metavar="COMMAND", title="commands")
+
+
+def _parser() -> argparse.ArgumentParser:
+    output, connection = _output_options(), _connection_options()
+    p = argparse.ArgumentParser(
+        prog="dsm",
+        description="Multi-node security manager: identical nodes on one PostgreSQL.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[output, connection],
+    )
+    p.add_argument("--version", action="version", version=f"dsm {__version__}")
+    sub = p.add_subparsers(metavar="COMMAND", title="commands")
+    client = [output, connection]
+
+    up = sub.add_parser(
+        "up",
+        help="run a local multi-node cluster (Ctrl-C stops it)",
+        description="Runs a local cluster: one process per node on consecutive loopback "
+        "addresses, on an embedded PostgreSQL unless --database-url is given. A node that exits "
+        "is restarted. State (database, secrets, certificate, logs) lives in DSM_STATE_DIR "
+        "(default ~/.local/share/dsm, or /var/lib/dsm as root); one `dsm up` per state directory.",
+    )
     up.add_argument("--nodes", type=int, default=3, help="number of nodes (default 3)")
     up.add_argument(
         "--database-url",
         default=os.environ.get("DSM_DATABASE_URL"),
-        help="shared database; an embedded PostgreSQL when absent",
+        help="shared database, postgresql://USER:PASSWORD@HOST:PORT/DATABASE (env "
+        "DSM_DATABASE_URL); an embedded PostgreSQL when absent",
     )
-    up.add_argument("--port", type=int, default=4119, help="API port of every node")
+    up.add_argument("--port", type=int, default=4119, help="API port of every node (default 4119)")
+    up.add_argument(
+        "--first-address",
+        default="127.0.0.1",
+        help="address of node-1; the others take the next ones (default 127.0.0.1)",
+    )
     up.add_argument(
         "--offline-threshold",
         type=float,
@@ -69,7 +169,7 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--no-watch", action="store_true", help="print status once per change only")
     up.set_defaults(func=_up)
 
-    node = sub.add_parser("node", help="run a node").add_subparsers(metavar="COMMAND")
+    _, node = _group(sub, "node", "run a node")
     run = node.add_parser("run", help="run one manager node (configuration: flags or DSM_* env)")
     for flag, help_ in (
         ("--database-url", "shared database URL (DSM_DATABASE_URL)"),
@@ -98,34 +198,36 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", default=os.environ.get("DSM_LOG_LEVEL", "INFO"))
     run.set_defaults(func=_node_run)
 
-    db = sub.add_parser("db", help="database").add_subparsers(metavar="COMMAND")
-    upg = db.add_parser("upgrade", help="create or migrate the schema, then exit")
+    _, db = _group(sub, "db", "the database schema")
+    upg = db.add_parser("upgrade", help="create or migrate the schema, then exit", parents=[output])
     upg.add_argument("--database-url", default=os.environ.get("DSM_DATABASE_URL"))
     upg.add_argument("--software-version", default=__version__)
-    upg.add_argument("--output", choices=["text", "json"], default="text")
     upg.set_defaults(func=_db_upgrade)
 
-    nodes = sub.add_parser("nodes", help="manager nodes").add_subparsers(metavar="COMMAND")
-    ls = nodes.add_parser("list", help="nodes with status, version and last heartbeat")
-    _client_flags(ls)
+    _, nodes = _group(sub, "nodes", "manager nodes")
+    ls = nodes.add_parser(
+        "list", help="nodes with status, version and last heartbeat", parents=client
+    )
     ls.set_defaults(func=_nodes_list)
-
-    dec = nodes.add_parser("decommission", help="remove an Offline node from the cluster")
-    dec.add_argument("name")
-    _client_flags(dec)
+    dec = nodes.add_parser(
+        "decommission", help="remove an Offline node from the cluster", parents=client
+    )
+    dec.add_argument("name", help="the node's name (see dsm nodes list)")
     dec.set_defaults(func=_nodes_decommission)
 
-    mk = sub.add_parser("master-key", help="the master key").add_subparsers(metavar="COMMAND")
-    rot = mk.add_parser("rotate", help="rotate the master key (a resumable background job)")
-    _client_flags(rot)
+    _, mk = _group(sub, "master-key", "the master key")
+    rot = mk.add_parser(
+        "rotate", help="rotate the master key (a resumable background job)", parents=client
+    )
     rot.set_defaults(func=_master_key_rotate)
 
-    al = sub.add_parser("alerts", help="open alerts (e.g. Manager Time Out of Sync)")
-    _client_flags(al)
+    al = sub.add_parser(
+        "alerts", help="open alerts (e.g. Manager Time Out of Sync)", parents=client
+    )
     al.set_defaults(func=_alerts)
 
-    jobs = sub.add_parser("jobs", help="the job pool").add_subparsers(metavar="COMMAND")
-    submit = jobs.add_parser("submit", help="enqueue a job")
+    _, jobs = _group(sub, "jobs", "the job pool")
+    submit = jobs.add_parser("submit", help="enqueue a job", parents=client)
     submit.add_argument("type", help="job type, e.g. noop, clear_caches, sleep")
     submit.add_argument("--payload", default="{}", help="JSON object")
     submit.add_argument("--priority", type=int)
@@ -134,24 +236,21 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--timeout", type=float, help="seconds per attempt")
     submit.add_argument("--unique-key", help="a second submit with this key is a no-op")
     submit.add_argument("--count", type=int, default=1, help="submit this many copies at once")
-    _client_flags(submit)
     submit.set_defaults(func=_jobs_submit)
-    get = jobs.add_parser("get", help="one job")
+    get = jobs.add_parser("get", help="one job: state, node, attempts, error", parents=client)
     get.add_argument("id")
-    _client_flags(get)
     get.set_defaults(func=_jobs_get)
-    stats = jobs.add_parser("stats", help="jobs by node and type over a window")
+    stats = jobs.add_parser("stats", help="jobs by node and type over a window", parents=client)
     stats.add_argument("--window", type=float, default=3600.0, help="seconds (default 3600)")
-    _client_flags(stats)
     stats.set_defaults(func=_jobs_stats)
+
+    comp = sub.add_parser(
+        "completion",
+        help="print a shell completion script: source <(dsm completion bash)",
+    )
+    comp.add_argument("shell", choices=["bash"], help="the shell (bash)")
+    comp.set_defaults(func=lambda args: _completion(p, args))
     return p
-
-
-def _client_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--server", help="https://HOST:PORT of any node (DSM_SERVER)")
-    p.add_argument("--ca-file", help="CA bundle for the node certificate (DSM_CA_FILE)")
-    p.add_argument("--insecure", action="store_true", help="do not verify the certificate")
-    p.add_argument("--output", choices=["text", "json"], default="text")
 
 
 def _fail(message: str, code: int = 2) -> int:
@@ -202,7 +301,7 @@ def _db_upgrade(args: argparse.Namespace) -> int:
         return _fail(str(e))
     except Exception as e:
         return _fail(f"cannot upgrade the database: {str(e).splitlines()[0]}", 1)
-    if args.output == "json":
+    if output_of(args) == "json":
         print(json.dumps({"schemaVersion": state.schema_version, "applied": list(state.applied)}))
     else:
         applied = ", ".join(map(str, state.applied)) or "none"
@@ -216,17 +315,24 @@ def _db_upgrade(args: argparse.Namespace) -> int:
 def _call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
     from dsm_node.client import Client
 
-    return Client.from_args(args.server, args.ca_file, args.insecure).request(method, path, body)
+    return Client.from_args(
+        getattr(args, "server", None),
+        getattr(args, "ca_file", None),
+        getattr(args, "insecure", False),
+        getattr(args, "api_key", None),
+    ).request(method, path, body)
 
 
 def _api(fn: Any) -> Any:
     """Turns API errors into one readable line and an exit code (2: our input, 1: elsewhere)."""
 
     def wrapped(args: argparse.Namespace) -> int:
-        from dsm_node.client import ApiError
+        from dsm_node.client import ApiError, ConnectionSettingsError
 
         try:
             return int(fn(args))
+        except ConnectionSettingsError as e:
+            return _fail(str(e), 2)
         except ApiError as e:
             return _fail(str(e), 2 if 400 <= e.status < 500 else 1)
 
@@ -236,7 +342,7 @@ def _api(fn: Any) -> Any:
 @_api
 def _nodes_list(args: argparse.Namespace) -> int:
     nodes = _call(args, "GET", "/api/nodes")["nodes"]
-    if args.output == "json":
+    if output_of(args) == "json":
         print(json.dumps(nodes, indent=2))
         return 0
     print(format_nodes(nodes))
@@ -262,14 +368,14 @@ def format_nodes(nodes: list[dict[str, Any]]) -> str:
 @_api
 def _nodes_decommission(args: argparse.Namespace) -> int:
     result = _call(args, "POST", f"/api/nodes/{args.name}/decommission")
-    print(json.dumps(result) if args.output == "json" else f"{args.name}: decommissioned")
+    print(json.dumps(result) if output_of(args) == "json" else f"{args.name}: decommissioned")
     return 0
 
 
 @_api
 def _master_key_rotate(args: argparse.Namespace) -> int:
     result = _call(args, "POST", "/api/master-key/rotate")
-    if args.output == "json":
+    if output_of(args) == "json":
         print(json.dumps(result))
     elif result["alreadyRunning"]:
         print("a rotation is already under way")
@@ -281,7 +387,7 @@ def _master_key_rotate(args: argparse.Namespace) -> int:
 @_api
 def _alerts(args: argparse.Namespace) -> int:
     alerts = _call(args, "GET", "/api/alerts")["alerts"]
-    if args.output == "json":
+    if output_of(args) == "json":
         print(json.dumps(alerts, indent=2))
         return 0
     for a in alerts:
@@ -312,7 +418,7 @@ def _jobs_submit(args: argparse.Namespace) -> int:
             job[key] = value
     body = job if args.count == 1 else {"jobs": [job] * args.count}
     result = _call(args, "POST", "/api/jobs", body)
-    if args.output == "json":
+    if output_of(args) == "json":
         print(json.dumps(result))
     elif result["ids"]:
         shown = ", ".join(map(str, result["ids"][:10])) + (
@@ -327,18 +433,31 @@ def _jobs_submit(args: argparse.Namespace) -> int:
 @_api
 def _jobs_get(args: argparse.Namespace) -> int:
     job = _call(args, "GET", f"/api/jobs/{args.id}")
-    if args.output == "json":
+    if output_of(args) == "json":
         print(json.dumps(job, indent=2))
     else:
-        for k, v in job.items():
-            print(f"{k:>13}: {json.dumps(v) if isinstance(v, dict) else v}")
+        print(format_job(job))
     return 0
+
+
+def format_job(job: dict[str, Any]) -> str:
+    """One job for people: the node by name (its id beside it), then every other field."""
+    shown = dict(job)
+    for name_key, id_key in (("node", "nodeId"), ("targetNode", "targetNodeId")):
+        name, node_id = shown.pop(name_key, None), shown.pop(id_key, None)
+        if name is not None or node_id is not None:
+            shown[name_key] = f"{name or '?'} (id {node_id})" if node_id is not None else name
+    order = ["id", "type", "state", "node", "targetNode", "attempt", "maxAttempts"]
+    keys = [k for k in order if k in shown] + [k for k in shown if k not in order]
+    return "\n".join(
+        f"{k:>13}: {json.dumps(shown[k]) if isinstance(shown[k], dict) else shown[k]}" for k in keys
+    )
 
 
 @_api
 def _jobs_stats(args: argparse.Namespace) -> int:
     stats = _call(args, "GET", f"/api/jobs/stats?windowSeconds={args.window:g}")
-    if args.output == "json":
+    if output_of(args) == "json":
         print(json.dumps(stats, indent=2))
         return 0
     print(f"Jobs over the last {args.window:g} s")
@@ -358,3 +477,71 @@ def _up(args: argparse.Namespace) -> int:
     from dsm_node import local_cluster
 
     return local_cluster.run(args)
+
+
+def _completion(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    print(bash_completion(parser))
+    return 0
+
+
+def command_tree(
+    parser: argparse.ArgumentParser, path: str = "dsm"
+) -> dict[str, tuple[list[str], list[str], dict[str, list[str]]]]:
+    """{command path: (subcommands, options, {option: choices})} from the argparse tree."""
+    subs: list[str] = []
+    options: list[str] = []
+    choices: dict[str, list[str]] = {}
+    tree: dict[str, tuple[list[str], list[str], dict[str, list[str]]]] = {}
+    for action in parser._actions:  # argparse keeps its tree here; it is stable across versions
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                subs.append(name)
+                tree.update(command_tree(child, f"{path} {name}"))
+        elif action.option_strings:
+            options += [o for o in action.option_strings if o.startswith("--")]
+            if action.choices:
+                for o in action.option_strings:
+                    choices[o] = [str(c) for c in action.choices]
+        elif action.choices:  # a positional with choices, e.g. the shell
+            subs += [str(c) for c in action.choices]
+    tree[path] = (subs, options, choices)
+    return tree
+
+
+def bash_completion(parser: argparse.ArgumentParser) -> str:
+    tree = command_tree(parser)
+    children = "\n".join(f'  ["{k}"]="{" ".join(v[0])}"' for k, v in sorted(tree.items()))
+    options = "\n".join(f'  ["{k}"]="{" ".join(v[1])}"' for k, v in sorted(tree.items()))
+    all_choices: dict[str, list[str]] = {}
+    for _, _, ch in tree.values():
+        all_choices.update(ch)
+    choices = "\n".join(f'  ["{k}"]="{" ".join(v)}"' for k, v in sorted(all_choices.items()))
+    return f"""# bash completion for dsm, generated by `dsm completion bash` from its own arguments
+declare -gA _dsm_children=(
+{children}
+)
+declare -gA _dsm_options=(
+{options}
+)
+declare -gA _dsm_choices=(
+{choices}
+)
+_dsm() {{
+  local cur="${{COMP_WORDS[COMP_CWORD]}}" prev="${{COMP_WORDS[COMP_CWORD-1]}}" path=dsm w i
+  if [[ -n "${{_dsm_choices[$prev]}}" ]]; then
+    COMPREPLY=( $(compgen -W "${{_dsm_choices[$prev]}}" -- "$cur") )
+    return
+  fi
+  for ((i = 1; i < COMP_CWORD; i++)); do
+    w="${{COMP_WORDS[i]}}"
+    if [[ " ${{_dsm_children[$path]}} " == *" $w "* ]]; then
+      path="$path $w"
+    fi
+  done
+  if [[ "$cur" == -* ]]; then
+    COMPREPLY=( $(compgen -W "${{_dsm_options[$path]}}" -- "$cur") )
+  else
+    COMPREPLY=( $(compgen -W "${{_dsm_children[$path]}}" -- "$cur") )
+  fi
+}}
+complete -F _dsm dsm"""

@@ -9,10 +9,39 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dsm_node import __version__
+from dsm_node.settings_store import MIN_THRESHOLD_INTERVALS, ClusterSettings
+
+DEFAULT_HEARTBEAT_INTERVAL = ClusterSettings.model_fields["heartbeat_interval_seconds"].default
+EXPECTED_DATABASE_URL = "postgresql://USER:PASSWORD@HOST:PORT/DATABASE"
+
+
+def database_url_problem(url: str) -> str | None:
+    """Why a database URL cannot be used (malformed, or not PostgreSQL), or None."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    from dsm_node.db.engine import sqlalchemy_url
+
+    if not url.strip():
+        return f"it is empty; expected {EXPECTED_DATABASE_URL}"
+    try:
+        parsed = make_url(url)
+        _ = parsed.port  # a port that is not a number fails only here
+    except (ArgumentError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return f"it is malformed ({reason}); expected {EXPECTED_DATABASE_URL}"
+    try:
+        sqlalchemy_url(url)
+    except ValueError:
+        return (
+            f"its scheme {parsed.drivername!r} is not supported: dsm needs PostgreSQL, "
+            f"{EXPECTED_DATABASE_URL}"
+        )
+    return None
 
 
 class NodeConfig(BaseSettings):
@@ -30,10 +59,17 @@ class NodeConfig(BaseSettings):
     tls_cert_file: Path | None = Field(None, description="PEM certificate; generated if absent.")
     tls_key_file: Path | None = Field(None, description="PEM private key for tls_cert_file.")
     offline_threshold_seconds: float | None = Field(
-        None, gt=0, description="Seeds the cluster's offline threshold on first bootstrap."
+        None,
+        ge=1.5,
+        le=86400,
+        description="Seeds the cluster's offline threshold on first bootstrap "
+        "(at least 3 heartbeat intervals).",
     )
     heartbeat_interval_seconds: float | None = Field(
-        None, gt=0, description="Seeds the cluster's heartbeat interval on first bootstrap."
+        None,
+        ge=0.5,
+        le=600,
+        description="Seeds the cluster's heartbeat interval on first bootstrap.",
     )
     concurrency: int = Field(64, ge=1, le=10_000, description="Jobs this node runs at once.")
     claim_batch: int = Field(32, ge=1, le=1000, description="Most jobs claimed per statement.")
@@ -64,6 +100,45 @@ class NodeConfig(BaseSettings):
         "", description="Comma-separated Python modules to import: they register more job types."
     )
     db_pool_size: int = Field(10, ge=2, le=200, description="Database connections of this node.")
+    api_db_pool_size: int = Field(
+        5, ge=1, le=200, description="Database connections of the API (its own, apart from jobs)."
+    )
+    sign_in_workers: int = Field(
+        2, ge=1, le=64, description="Threads hashing passwords (Argon2id: 64 MiB each)."
+    )
+    sign_in_queue: int = Field(
+        8, ge=0, le=10_000, description="Sign-ins waiting for a hashing thread; beyond: 503."
+    )
+    http_header_timeout_seconds: float = Field(
+        10.0, gt=0, le=3600, description="A request's head must arrive within this."
+    )
+    http_body_timeout_seconds: float = Field(
+        30.0, gt=0, le=3600, description="A request's body must arrive within this."
+    )
+    http_keepalive_timeout_seconds: float = Field(
+        75.0, gt=0, le=3600, description="Idle keep-alive connections are closed after this."
+    )
+    tls_handshake_timeout_seconds: float = Field(
+        10.0, gt=0, le=3600, description="A TLS handshake must complete within this."
+    )
+
+    @field_validator("database_url")
+    @classmethod
+    def _usable_database_url(cls, v: str) -> str:
+        if (problem := database_url_problem(v)) is not None:
+            raise ValueError(problem)
+        return v
+
+    @model_validator(mode="after")
+    def _seeded_settings_agree(self) -> NodeConfig:
+        interval = self.heartbeat_interval_seconds or DEFAULT_HEARTBEAT_INTERVAL
+        threshold = self.offline_threshold_seconds
+        if threshold is not None and threshold < MIN_THRESHOLD_INTERVALS * interval:
+            raise ValueError(
+                f"offline_threshold_seconds ({threshold:g}) must be at least "
+                f"{MIN_THRESHOLD_INTERVALS} times heartbeat_interval_seconds ({interval:g})"
+            )
+        return self
 
     def secret(self, name: str) -> str | None:
         """A secret from its value or its file (Kubernetes mounts Secrets as files)."""

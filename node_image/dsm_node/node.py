@@ -29,7 +29,7 @@ import sqlalchemy.exc
 from psycopg.conninfo import make_conninfo
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from dsm_node import auth, crypto, keys, metrics, settings_store
+from dsm_node import crypto, keys, metrics, settings_store
 from dsm_node.caches import Caches
 from dsm_node.cluster import joining, timing
 from dsm_node.cluster.membership import Decommissioned, Identity, Membership
@@ -141,25 +141,6 @@ class Node:
 
     def degraded_reasons(self) -> list[str]:
         return [f"{kind}: {message}" for kind, message in self.alerts.items()]
-
-    async def authenticate_request(self, request: Any) -> None:
-        """The API's one authentication point (see api.app.authenticate)."""
-        from dsm_node.api.common import ClientError
-
-        header = request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise ClientError(
-                401,
-                "authentication required: send 'Authorization: Bearer <token>'"
-                " with a session token or an API key",
-            )
-        if self.engine is None:
-            raise ClientError(503, f"node is not ready yet ({self.phase})")
-        principal = await auth.authenticate(self.engine, token.strip())
-        if principal is None:
-            raise ClientError(401, "invalid or expired session token or API key")
-        request["principal"] = principal
 
     def heartbeat_age(self) -> float | None:
         if self._last_heartbeat_ok is None:

@@ -1,4 +1,5 @@
-"""Runs one node process: the HTTPS listeners, the node, and signal handling."""
+"""Runs one node process: the node on the main thread's event loop, the HTTPS API on its own
+thread (``api.serving``), and signal handling."""
 
 from __future__ import annotations
 
@@ -6,10 +7,8 @@ import asyncio
 import logging
 import signal
 
-from aiohttp import web
-
-from dsm_node.api import app as api_app
-from dsm_node.api import tls
+from dsm_node import auth
+from dsm_node.api import serving, tls
 from dsm_node.config import NodeConfig
 from dsm_node.node import Node, StartupError
 
@@ -17,21 +16,28 @@ log = logging.getLogger("dsm.node")
 
 
 async def serve(config: NodeConfig) -> int:
-    """Returns the process exit code: 0 after a clean halt, 2 when the node cannot join."""
+    """Returns the process exit code: 0 after a clean halt, 2 when the node cannot start or join."""
     node = Node(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    runner = web.AppRunner(api_app.build(node), access_log=None, handle_signals=False)
-    await runner.setup()
+    auth.HASHING.configure(config.sign_in_workers, config.sign_in_queue)
     names = [config.address, config.node_name, "localhost", "127.0.0.1"]
-    ssl_ctx = tls.server_context(config.tls_cert_file, config.tls_key_file, names)
-    ports = [config.api_port] + ([config.heartbeat_port] if config.heartbeat_port else [])
-    for port in ports:
-        await web.TCPSite(runner, config.bind_address, port, ssl_context=ssl_ctx).start()
-    log.info("listening on https://%s:%s", config.bind_address, ",".join(map(str, ports)))
+    try:
+        ssl_ctx = tls.server_context(config.tls_cert_file, config.tls_key_file, names)
+    except (OSError, ValueError) as e:
+        log.error("cannot load the TLS certificate or key: %s", e)
+        return 2
+    api = serving.ApiServer(node, config, ssl_ctx)
+    try:
+        await api.start()
+    except OSError as e:
+        log.error(
+            "cannot listen on %s port %s: %s", config.bind_address, config.api_port, e.strerror or e
+        )
+        return 2
 
     code = 0
     start = asyncio.create_task(node.start())
@@ -52,6 +58,6 @@ async def serve(config: NodeConfig) -> int:
         else:
             await stopped
     await node.stop()
-    await runner.cleanup()
+    await api.stop()
     log.info("stopped")
     return code

@@ -134,3 +134,20 @@ def test_malformed_requests_store_nothing(node: NodeProcess) -> None:
         if path == "/api/jobs" and raw:
             node.request("POST", path, raw=raw)
     assert query(node.database_url, count) == before
+
+
+def test_healthz_says_stuck_when_the_nodes_loop_is_blocked(node: NodeProcess) -> None:
+    """The API answers from its own thread; /healthz still reports whether the node's own event
+    loop answers, so a liveness probe restarts a wedged node."""
+    from tests.support.nodes import wait_until
+
+    status, body = node.request(
+        "POST", "/api/jobs", {"type": "block_event_loop", "payload": {"seconds": 8}}
+    )
+    assert status == 201, body
+    stuck = wait_until(
+        lambda: (r := node.request("GET", "/healthz"))[0] == 503 and r, 30, "healthz 503"
+    )
+    assert stuck[1]["status"] == "stuck" and "event loop" in stuck[1]["degraded"][0]
+    assert node.request("GET", "/api/nodes")[0] == 200  # the API itself still answers
+    wait_until(lambda: node.request("GET", "/healthz")[0] == 200, 60, "healthz 200 again")

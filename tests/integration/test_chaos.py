@@ -19,7 +19,7 @@ import psycopg
 import pytest
 
 from dsm_node.embedded_pg import EmbeddedPostgres
-from tests.support.chaos import SIGN_IN_FLOOD_ENABLED, Chaos, Config, Report
+from tests.support.chaos import Chaos, Config, Report
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(4 * 3600)]
 
@@ -68,21 +68,15 @@ def test_faults_of_every_kind_keep_every_job_exactly_once(
         faults=int(os.environ.get("DSM_CHAOS_FAULTS") or 0),
     )
     report = run(chaos_postgres, tmp_path, config)
-    assert len(report.faults) == (config.faults or len(config.kinds) - (not config.flood))
+    assert len(report.faults) == (config.faults or len(config.kinds))
     assert report.acknowledged > 0 and report.effects > 0
     assert not report.violations, report.text()
 
 
-@pytest.mark.xfail(
-    not SIGN_IN_FLOOD_ENABLED,
-    strict=True,
-    reason="password hashing still runs on the event loop: the fix is on branch issue-edge; "
-    "after merging it, set SIGN_IN_FLOOD_ENABLED in tests/support/chaos.py",
-)
 def test_a_sign_in_flood_never_delays_a_heartbeat(
     chaos_postgres: EmbeddedPostgres, tmp_path: Path
 ) -> None:
-    config = Config(seed=DEFAULT_SEED, faults=2, flood=True, kinds=("signin_flood",))
+    config = Config(seed=DEFAULT_SEED, faults=2, kinds=("signin_flood",))
     report = run(chaos_postgres, tmp_path, config)
     assert [r.fault.kind for r in report.faults] == ["signin_flood"] * 2
     assert not report.violations, report.text()

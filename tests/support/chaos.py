@@ -50,11 +50,6 @@ from tests.support.effects import prepare
 from tests.support.nodes import Cluster, NodeProcess, next_address, query, wait_until
 from tests.support.tcpproxy import Proxy
 
-# Unauthenticated sign-ins hash passwords with Argon2id; until that runs off the node's event loop
-# (issue 9, item 3, on branch issue-edge), a flood delays the node's heartbeat and the fault fails.
-# Enable it once that fix is merged (and remove the xfail marker of its test in test_chaos.py).
-SIGN_IN_FLOOD_ENABLED = False
-
 KINDS = (
     "sigkill",
     "sigstop_short",
@@ -81,7 +76,6 @@ class Config:
     nodes: int = 3
     threshold: float = 6.0
     interval: float = 1.0
-    flood: bool = SIGN_IN_FLOOD_ENABLED
     kinds: tuple[str, ...] = KINDS  # the kinds to draw from
 
     @property
@@ -106,7 +100,7 @@ class Fault:
 def schedule(config: Config, names: list[str]) -> list[Fault]:
     """The faults of a run: a pure function of the configuration (and so of the seed)."""
     rnd = random.Random(config.seed)
-    kinds = [k for k in config.kinds if k != "signin_flood" or config.flood]
+    kinds = list(config.kinds)
     order = rnd.sample(kinds, len(kinds))
     count = config.faults or len(kinds)
     t, f = config.threshold, config.fence_after

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 from sqlalchemy import text
 
@@ -55,3 +56,15 @@ def _first_to_create(path: str) -> bool:
 async def always_fails(ctx: JobContext, payload: Payload) -> None:
     """Raises every time: exercises retries and the dead-letter state."""
     raise RuntimeError(f"failing on purpose (attempt {ctx.attempt})")
+
+
+@job_type("report_for_auditors", max_attempts=3, timeout=10, required_role="auditor")
+async def report_for_auditors(ctx: JobContext, payload: Payload) -> None:
+    """A job type an auditor may enqueue (the role tests prove the registry's required role is
+    what decides, not a blanket rule)."""
+
+
+@job_type("block_event_loop", max_attempts=1, timeout=60)
+async def block_event_loop(ctx: JobContext, payload: Payload) -> None:
+    """Blocks the node's event loop for payload.seconds (a wedged node, for the liveness test)."""
+    time.sleep(float(payload["seconds"]))  # noqa: ASYNC251 (the point: a blocked loop)

@@ -76,9 +76,13 @@ def test_payload_models_give_readable_errors() -> None:
         seconds: float
 
     jt = JobType("s", _noop, payload_model=P)  # type: ignore[arg-type]
-    assert jt.validate({"seconds": "2"}) == {"seconds": 2.0}
+    assert jt.validate({"seconds": 2}) == {"seconds": 2.0}
     with pytest.raises(ValueError, match=r"invalid payload for job type 's': seconds: "):
         jt.validate({"seconds": "soon"})
+    # strict JSON types: a string of digits is not a number, nor is true
+    for wrong in ("2", True):
+        with pytest.raises(ValueError, match="seconds"):
+            jt.validate({"seconds": wrong})
     with pytest.raises(ValueError, match="must be a JSON object"):
         jt.validate([1])
 

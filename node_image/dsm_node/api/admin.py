@@ -1,36 +1,44 @@
 """Administration endpoints: sign-in, decommission, settings (plain and secret), master-key
 rotation, users, the audit log, alerts, and the manager list agents connect to.
 
-Administrative actions are written to the audit log with who, when, from where and on which node.
+Administrative actions are written to the audit log with who, when, from where and on which node,
+in the same transaction as the action itself wherever the action is a database write.
 """
 
 from __future__ import annotations
 
-import json
-from typing import Any
+import re
+from typing import TYPE_CHECKING, Any
 
+import sqlalchemy.exc
 from aiohttp import web
-from pydantic import Field, ValidationError
-from pydantic.alias_generators import to_snake
+from pydantic import Field
+from pydantic.alias_generators import to_camel
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from dsm_node import auth, keys, settings_store
-from dsm_node.api import paths
+from dsm_node import auth, crypto, keys, roles, settings_store
+from dsm_node.api import inputs, paths
 from dsm_node.api.common import (
+    KIB,
     NODE_KEY,
+    SERVICES_KEY,
     ClientError,
     Model,
+    Route,
     json_body,
     parse,
     principal,
-    ready_node,
-    require_admin,
+    ready,
     source,
-    validation_message,
 )
 from dsm_node.db.queries import Q
-from dsm_node.jobs.pool import NewJob
+from dsm_node.jobs.pool import EnqueueResult, NewJob
 
-SECRET_KEY_PATTERN = r"^[a-z][a-z0-9_]{0,62}$"
+if TYPE_CHECKING:
+    pass
+
+SECRET_KEY_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,62}")
+MAX_NODE_NAME = 253
 
 
 class SignIn(Model):
@@ -50,60 +58,101 @@ class SecretValue(Model):
     value: str = Field(max_length=65536)
 
 
+# -- the audit log ------------------------------------------------------------------------
+
+
+async def audit_in(
+    conn: AsyncConnection,
+    request: web.Request,
+    action: str,
+    target: str | None,
+    detail: dict[str, Any] | None = None,
+) -> None:
+    """Records an action inside the caller's transaction (it commits with the action)."""
+    await auth.audit(
+        conn,
+        principal(request).name,
+        request.app[NODE_KEY].config.node_name,
+        action,
+        target,
+        detail or {},
+        source(request),
+    )
+
+
+async def audit(
+    request: web.Request, action: str, target: str | None, detail: dict[str, Any] | None = None
+) -> None:
+    """Records an action in a transaction of its own (refusals, actions outside the database)."""
+    async with request.app[SERVICES_KEY].engine.begin() as conn:
+        await audit_in(conn, request, action, target, detail)
+
+
+async def node_names(request: web.Request, ids: list[Any]) -> dict[Any, str]:
+    """Node names by id (decommissioned nodes included)."""
+    node, services = ready(request)
+    wanted = {i for i in ids if i is not None}
+    if not wanted:
+        return {}
+    threshold = node.cluster_settings.offline_threshold_seconds
+    return {
+        n["id"]: n["name"]
+        for n in await services.membership.list_nodes(threshold, True)
+        if n["id"] in wanted
+    }
+
+
+async def decrypt(request: web.Request, token: str, context: str) -> str:
+    """Decrypts with the node's keyring, reloading it first when a rotation on any node added a
+    key version this node has not seen yet."""
+    node, services = ready(request)
+    if crypto.Keyring.version_of(token) not in node.keyring.keys and node.wrapper is not None:
+        async with services.engine.connect() as conn:
+            ring = await keys.unlock(conn, node.wrapper)
+        if ring is not None:
+            node.keyring = ring
+    return node.keyring.decrypt(token, context)
+
+
+# -- handlers -----------------------------------------------------------------------------
+
+
 async def sign_in(request: web.Request) -> web.Response:
-    node = ready_node(request)
+    node, services = ready(request)
     body = parse(SignIn, await json_body(request))
-    assert node.engine is not None
     try:
         token, expires = await auth.sign_in(
-            node.engine, body.username, body.password, source(request), node.config.node_name
+            services.engine, body.username, body.password, source(request), node.config.node_name
         )
     except auth.SignInError as e:
+        headers = {}
         if e.retry_after is not None:
-            return web.json_response(
-                {"error": str(e)},
-                status=429,
-                headers={"Retry-After": str(max(1, int(e.retry_after)))},
-            )
-        raise ClientError(401, str(e)) from None
+            headers["Retry-After"] = str(max(1, round(e.retry_after)))
+        raise ClientError(e.status, str(e), headers) from None
     return web.json_response({"token": token, "expiresAt": expires.isoformat()}, status=201)
 
 
 async def sign_out(request: web.Request) -> web.Response:
-    node = ready_node(request)
-    assert node.engine is not None
-    token = request.headers.get("Authorization", "").partition(" ")[2].strip()
+    _, services = ready(request)
     if principal(request).kind != "user":
         raise ClientError(400, "only a session can sign out; API keys are revoked instead")
-    await auth.sign_out(node.engine, token)
+    token = inputs.bearer_token(request.headers.get("Authorization"))
+    assert token is not None  # the guard authenticated this very token
+    await auth.sign_out(services.engine, token)
     return web.json_response({"signedOut": True})
 
 
-async def _audit(
-    request: web.Request, action: str, target: str | None, detail: dict[str, Any] | None = None
-) -> None:
-    node = request.app[NODE_KEY]
-    assert node.engine is not None
-    async with node.engine.begin() as conn:
-        await auth.audit(
-            conn,
-            principal(request).name,
-            node.config.node_name,
-            action,
-            target,
-            detail or {},
-            source(request),
-        )
-
-
 async def decommission(request: web.Request) -> web.Response:
-    node = ready_node(request)
-    who = require_admin(request)
-    assert node.membership is not None
+    node, services = ready(request)
+    who = principal(request)
     name = request.match_info["name"]
+    if not 1 <= len(name) <= MAX_NODE_NAME:
+        raise ClientError(400, f"a node name has 1 to {MAX_NODE_NAME} characters")
     nodes = {
         n["name"]: n
-        for n in await node.membership.list_nodes(node.cluster_settings.offline_threshold_seconds)
+        for n in await services.membership.list_nodes(
+            node.cluster_settings.offline_threshold_seconds
+        )
     }
     if name not in nodes:
         raise ClientError(404, f"no node named {name!r} (decommissioned nodes are not listed)")
@@ -114,78 +163,59 @@ async def decommission(request: web.Request) -> web.Response:
             f"node {name!r} is Online: only an Offline node can be decommissioned; "
             "stop it first and wait until it shows Offline",
         )
-    done = await node.membership.decommission(
+    done = await services.membership.decommission(
         name, node.cluster_settings.offline_threshold_seconds, who.name
     )
     if done is None:
         raise ClientError(409, f"node {name!r} came back online; it was not decommissioned")
-    await _audit(request, "decommission-node", name, {"statusBefore": status})
+    await audit(request, "decommission-node", name, {"statusBefore": status})
     return web.json_response({"name": name, "status": "Decommissioned"})
 
 
 async def get_settings(request: web.Request) -> web.Response:
-    node = ready_node(request)
-    assert node.engine is not None
-    s = await settings_store.read(node.engine)
-    async with node.engine.connect() as conn:
+    _, services = ready(request)
+    s = await settings_store.read(services.engine)
+    async with services.engine.connect() as conn:
         secrets = [r.key for r in await conn.execute(Q.secret_settings)]
     return web.json_response({"settings": _camel(s.model_dump()), "secretSettings": secrets})
 
 
 async def patch_settings(request: web.Request) -> web.Response:
-    node = ready_node(request)
-    require_admin(request)
+    node, services = ready(request)
     body = await json_body(request)
     if not isinstance(body, dict) or not body:
         raise ClientError(400, "send a JSON object of settings to change")
-    values = {to_snake(k): v for k, v in body.items()}
-    unknown = sorted(
-        k
-        for k, v in zip(values, body, strict=True)
-        if k not in settings_store.ClusterSettings.model_fields
-    )
+    names = {to_camel(f): f for f in settings_store.ClusterSettings.model_fields}
+    unknown = sorted(k for k in body if k not in names)
     if unknown:
-        raise ClientError(400, f"unknown setting(s): {', '.join(unknown)}")
-    assert node.engine is not None
-    current = (await settings_store.read(node.engine)).model_dump()
-    try:
-        settings_store.ClusterSettings(**{**current, **values})
-    except ValidationError as e:
-        raise ClientError(400, validation_message(e)) from None
-    merged = {**current, **values}
-    if merged["offline_threshold_seconds"] <= 2 * merged["heartbeat_interval_seconds"]:
-        raise ClientError(400, "offlineThresholdSeconds must exceed twice heartbeatIntervalSeconds")
-    async with node.engine.begin() as conn:
-        await settings_store.write(conn, values)
-        await auth.audit(
-            conn,
-            principal(request).name,
-            node.config.node_name,
-            "change-settings",
-            None,
-            {"changed": body},
-            source(request),
+        raise ClientError(
+            400,
+            f"unknown setting(s): {', '.join(map(repr, unknown))}; "
+            f"known: {', '.join(sorted(names))}",
         )
+    values = {names[k]: v for k, v in body.items()}
+    try:
+        async with services.engine.begin() as conn:
+            await settings_store.write(conn, values)
+            await audit_in(conn, request, "change-settings", None, {"changed": body})
+    except settings_store.InvalidSettings as e:
+        raise ClientError(400, str(e)) from None
     node.caches.clear_entry("settings")
     return await get_settings(request)
 
 
 def _secret_key(request: web.Request) -> str:
-    import re
-
     key = request.match_info["key"]
-    if not re.match(SECRET_KEY_PATTERN, key):
+    if not SECRET_KEY_PATTERN.fullmatch(key):
         raise ClientError(400, f"secret setting names are lower_snake_case, got {key!r}")
     return key
 
 
 async def put_secret(request: web.Request) -> web.Response:
-    node = ready_node(request)
-    require_admin(request)
+    node, services = ready(request)
     key = _secret_key(request)
     body = parse(SecretValue, await json_body(request))
-    assert node.engine is not None
-    async with node.engine.begin() as conn:
+    async with services.engine.begin() as conn:
         await conn.execute(
             Q.put_secret_setting,
             {
@@ -194,47 +224,36 @@ async def put_secret(request: web.Request) -> web.Response:
                 "key_version": node.keyring.active,
             },
         )
-        await auth.audit(
-            conn,
-            principal(request).name,
-            node.config.node_name,
-            "change-secret-setting",
-            key,
-            {},
-            source(request),
-        )
+        await audit_in(conn, request, "change-secret-setting", key)
     return web.json_response({"key": key, "stored": True})
 
 
 async def get_secret(request: web.Request) -> web.Response:
-    node = ready_node(request)
-    require_admin(request)
+    _, services = ready(request)
     key = _secret_key(request)
-    assert node.engine is not None
-    async with node.engine.connect() as conn:
+    async with services.engine.connect() as conn:
         rows = {r.key: r.ciphertext for r in await conn.execute(Q.secret_settings)}
     if key not in rows:
         raise ClientError(404, f"no secret setting {key!r}")
-    value = await node.decrypt(rows[key], f"settings/{key}")
+    value = await decrypt(request, rows[key], f"settings/{key}")
     return web.json_response({"key": key, "value": value})
 
 
 async def rotate_master_key(request: web.Request) -> web.Response:
-    node = ready_node(request)
-    require_admin(request)
-    assert node.pool is not None
-    result = await node.pool.enqueue(
-        [NewJob("rotate_master_key", {}, unique_key="rotate-master-key")]
+    _, services = ready(request)
+
+    async def record(conn: AsyncConnection, result: EnqueueResult) -> None:
+        await audit_in(conn, request, "rotate-master-key", None, {"jobIds": result.ids})
+
+    result = await services.pool.enqueue(
+        [NewJob("rotate_master_key", {}, unique_key="rotate-master-key")], also=record
     )
-    await _audit(request, "rotate-master-key", None, {"jobIds": result.ids})
     return web.json_response({"jobIds": result.ids, "alreadyRunning": not result.ids}, status=202)
 
 
 async def list_users(request: web.Request) -> web.Response:
-    node = ready_node(request)
-    require_admin(request)
-    assert node.engine is not None
-    async with node.engine.connect() as conn:
+    _, services = ready(request)
+    async with services.engine.connect() as conn:
         rows = (await conn.execute(Q.list_users)).all()
     users = []
     for r in rows:
@@ -243,12 +262,12 @@ async def list_users(request: web.Request) -> web.Response:
                 "username": r.username,
                 "role": r.role,
                 "disabled": r.disabled,
-                "fullName": await node.decrypt(
-                    r.full_name, auth.user_context(r.username, "full_name")
+                "fullName": await decrypt(
+                    request, r.full_name, auth.user_context(r.username, "full_name")
                 )
                 if r.full_name
                 else None,
-                "email": await node.decrypt(r.email, auth.user_context(r.username, "email"))
+                "email": await decrypt(request, r.email, auth.user_context(r.username, "email"))
                 if r.email
                 else None,
             }
@@ -257,46 +276,31 @@ async def list_users(request: web.Request) -> web.Response:
 
 
 async def create_user(request: web.Request) -> web.Response:
-    node = ready_node(request)
-    require_admin(request)
+    node, services = ready(request)
     body = parse(NewUser, await json_body(request))
-    assert node.engine is not None
-    import sqlalchemy.exc
-
+    password_hash = await auth.hash_password(body.password)
     try:
-        async with node.engine.begin() as conn:
+        async with services.engine.begin() as conn:
             await auth.create_user(
                 conn,
                 node.keyring,
                 body.username,
-                body.password,
+                password_hash,
                 body.role,
                 body.full_name,
                 body.email,
             )
-            await auth.audit(
-                conn,
-                principal(request).name,
-                node.config.node_name,
-                "create-user",
-                body.username,
-                {"role": body.role},
-                source(request),
-            )
+            await audit_in(conn, request, "create-user", body.username, {"role": body.role})
     except sqlalchemy.exc.IntegrityError:
         raise ClientError(409, f"user {body.username!r} already exists") from None
     return web.json_response({"username": body.username, "role": body.role}, status=201)
 
 
 async def list_audit(request: web.Request) -> web.Response:
-    node = ready_node(request)
-    require_admin(request)
-    assert node.engine is not None
-    raw = request.query.get("limit", "100")
-    if not raw.isdigit() or not 1 <= int(raw) <= 10000:
-        raise ClientError(400, "limit must be an integer between 1 and 10000")
-    async with node.engine.connect() as conn:
-        rows = (await conn.execute(Q.list_audit, {"limit": int(raw)})).all()
+    _, services = ready(request)
+    limit = inputs.ascii_integer(request.query.get("limit", "100"), "limit", 1, 10_000)
+    async with services.engine.connect() as conn:
+        rows = (await conn.execute(Q.list_audit, {"limit": limit})).all()
     return web.json_response(
         {
             "entries": [
@@ -317,10 +321,9 @@ async def list_audit(request: web.Request) -> web.Response:
 
 
 async def list_alerts(request: web.Request) -> web.Response:
-    node = ready_node(request)
-    assert node.engine is not None
-    everything = request.query.get("all", "false").lower() in ("1", "true", "yes")
-    async with node.engine.connect() as conn:
+    _, services = ready(request)
+    everything = inputs.flag(request.query.get("all"), "all")
+    async with services.engine.connect() as conn:
         rows = (await conn.execute(Q.list_alerts, {"include_cleared": everything})).all()
     return web.json_response(
         {
@@ -342,9 +345,8 @@ async def list_alerts(request: web.Request) -> web.Response:
 async def agent_managers(request: web.Request) -> web.Response:
     """What agents are told: every online node's address (they pick one at random and try the
     next on failure), or the load balancer's addresses when the overrides are set."""
-    node = ready_node(request)
-    assert node.membership is not None
-    s = await settings_store.read(node.engine) if node.engine else node.cluster_settings
+    _, services = ready(request)
+    s = await settings_store.read(services.engine)
     if s.manager_address:
         return web.json_response(
             {
@@ -360,7 +362,7 @@ async def agent_managers(request: web.Request) -> web.Response:
                 },
             }
         )
-    nodes = await node.membership.list_nodes(s.offline_threshold_seconds)
+    nodes = await services.membership.list_nodes(s.offline_threshold_seconds)
     return web.json_response(
         {
             "mode": "nodeList",
@@ -374,26 +376,23 @@ async def agent_managers(request: web.Request) -> web.Response:
 
 
 def _camel(d: dict[str, Any]) -> dict[str, Any]:
-    from pydantic.alias_generators import to_camel
-
     return {to_camel(k): v for k, v in d.items()}
 
 
-def add_routes(app: web.Application) -> None:
-    r = app.router
-    r.add_post(paths.API_SESSIONS, sign_in)
-    r.add_delete(paths.API_SESSIONS, sign_out)
-    r.add_post(paths.API_DECOMMISSION, decommission)
-    r.add_get(paths.API_SETTINGS, get_settings)
-    r.add_patch(paths.API_SETTINGS, patch_settings)
-    r.add_get(paths.API_SECRET_SETTING, get_secret)
-    r.add_put(paths.API_SECRET_SETTING, put_secret)
-    r.add_post(paths.API_MASTER_KEY_ROTATE, rotate_master_key)
-    r.add_get(paths.API_USERS, list_users)
-    r.add_post(paths.API_USERS, create_user)
-    r.add_get(paths.API_AUDIT, list_audit)
-    r.add_get(paths.API_ALERTS, list_alerts)
-    r.add_get(paths.API_AGENT_MANAGERS, agent_managers)
-
-
-__all__ = ["add_routes", "json", "keys"]
+ADMIN, AUDITOR = roles.ADMINISTRATOR, roles.AUDITOR
+ROUTES = [
+    # sign-in is the one route that reads a body from anyone: keep it small
+    Route("POST", paths.API_SESSIONS, sign_in, None, 4 * KIB),
+    Route("DELETE", paths.API_SESSIONS, sign_out, AUDITOR),
+    Route("POST", paths.API_DECOMMISSION, decommission, ADMIN),
+    Route("GET", paths.API_SETTINGS, get_settings, AUDITOR),
+    Route("PATCH", paths.API_SETTINGS, patch_settings, ADMIN, 16 * KIB),
+    Route("GET", paths.API_SECRET_SETTING, get_secret, ADMIN),
+    Route("PUT", paths.API_SECRET_SETTING, put_secret, ADMIN, 400 * KIB),
+    Route("POST", paths.API_MASTER_KEY_ROTATE, rotate_master_key, ADMIN),
+    Route("GET", paths.API_USERS, list_users, ADMIN),  # personal data
+    Route("POST", paths.API_USERS, create_user, ADMIN, 16 * KIB),
+    Route("GET", paths.API_AUDIT, list_audit, AUDITOR),  # what an auditor is for
+    Route("GET", paths.API_ALERTS, list_alerts, AUDITOR),
+    Route("GET", paths.API_AGENT_MANAGERS, agent_managers, AUDITOR),
+]

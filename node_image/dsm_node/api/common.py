@@ -1,8 +1,10 @@
-"""Pieces shared by the API's handler modules: client errors, JSON bodies, request models."""
+"""Pieces shared by the API's handler modules: the route table's entries, client errors, request
+models, and reading a JSON body under the route's limits."""
 
 from __future__ import annotations
 
-import json
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
@@ -10,32 +12,85 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic.alias_generators import to_camel
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
     from dsm_node.auth import Principal
+    from dsm_node.cluster.membership import Membership
+    from dsm_node.jobs.pool import JobPool
     from dsm_node.node import Node
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+KIB = 1024
+
+
+@dataclass(frozen=True)
+class Route:
+    """One API route and its policy: the least role it needs (None: no credentials at all) and
+    the largest request body it reads (0: it reads none)."""
+
+    method: str
+    path: str
+    handler: Handler
+    role: str | None
+    max_body: int = 0
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How long a client may take to send a request body (headers: see ``api.listeners``)."""
+
+    body_timeout_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class Services:
+    """The API's own gateways to the shared database. They live on the API's event loop, in its
+    own thread (``api.serving``), never on the node's: no amount of request handling can delay
+    the node's heartbeat or its job pool."""
+
+    engine: AsyncEngine
+    pool: JobPool
+    membership: Membership
+
+
 NODE_KEY: web.AppKey[Node] = web.AppKey("node")
+SERVICES_KEY: web.AppKey[Services] = web.AppKey("services")
+LIMITS_KEY: web.AppKey[Limits] = web.AppKey("limits")
+ROUTE_KEY = "dsm.route"
+PRINCIPAL_KEY = "dsm.principal"
 
 
 class ClientError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    """A request the client got wrong: answered with ``status`` and a JSON ``{"error": ...}``."""
+
+    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = dict(headers or {})
 
 
 class Model(BaseModel):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+    """Request bodies: camelCase names, unknown fields refused, and strict types (``true`` is not
+    a number, ``"7"`` is not an integer)."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", strict=True
+    )
 
 
 async def json_body(request: web.Request) -> Any:
+    """The request's JSON body, read under its route's size limit and the body timeout."""
+    from dsm_node.api import inputs
+
     if request.content_type not in ("application/json", "", "application/octet-stream"):
         raise ClientError(415, f"expected a JSON body, got content type {request.content_type!r}")
-    raw = await request.read()
-    if not raw:
-        raise ClientError(400, "request body is empty; expected a JSON object")
-    try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ClientError(400, f"request body is not valid JSON: {e}") from None
+    if request.charset is not None and request.charset.lower() not in ("utf-8", "utf8"):
+        raise ClientError(415, f"JSON bodies are UTF-8, got charset {request.charset!r}")
+    route: Route = request[ROUTE_KEY]
+    limits = request.app[LIMITS_KEY]
+    raw = await inputs.read_body(request, route.max_body, limits.body_timeout_seconds)
+    return inputs.parse_json(raw)
 
 
 def validation_message(e: ValidationError) -> str:
@@ -59,22 +114,17 @@ def parse(model: type[_M], body: Any) -> _M:
 
 
 def principal(request: web.Request) -> Principal:
-    p: Principal = request["principal"]
+    p: Principal = request[PRINCIPAL_KEY]
     return p
 
 
-def require_admin(request: web.Request) -> Principal:
-    p = principal(request)
-    if not p.is_admin:
-        raise ClientError(403, f"{p.name} is an {p.role}; this needs an administrator")
-    return p
-
-
-def ready_node(request: web.Request) -> Node:
+def ready(request: web.Request) -> tuple[Node, Services]:
+    """The node (its configuration and state) and the API's database gateways, once the node
+    has joined the cluster (503 before)."""
     node = request.app[NODE_KEY]
     if node.pool is None or node.membership is None:
-        raise ClientError(503, f"node is not ready yet ({node.phase})")
-    return node
+        raise ClientError(503, f"node is not ready yet ({node.phase})", {"Retry-After": "5"})
+    return node, request.app[SERVICES_KEY]
 
 
 def source(request: web.Request) -> str:

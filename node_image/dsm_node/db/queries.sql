@@ -472,13 +472,27 @@ UPDATE api_keys SET last_used_at = now()
 WHERE key_hash = :key_hash AND revoked_at IS NULL
 RETURNING name, role;
 
--- name: recent_sign_in_failures
-SELECT count(*) AS n, extract(epoch FROM max(at) + make_interval(secs => :window) - now()) AS retry_after
-FROM sign_in_failures
-WHERE (username = :username OR source = :source) AND at > now() - make_interval(secs => :window);
+-- name: advisory_xact_lock
+-- A lock held until the transaction ends: sign-in attempts that share a user name or a source
+-- address (auth.py), and changes to the cluster settings (settings_store.py).
+SELECT pg_advisory_xact_lock(:key);
 
--- name: record_sign_in_failure
-INSERT INTO sign_in_failures (username, source) VALUES (:username, :source);
+-- name: reserve_sign_in_attempt
+-- Under the locks above: reserves a failure slot when fewer than :max_failures failures of this
+-- user name or source are recent, else returns a NULL id and when to retry. The slot is deleted by
+-- clear_sign_in_failures when the password turns out right.
+WITH recent AS (
+    SELECT count(*) AS n, max(at) AS last FROM sign_in_failures
+    WHERE (username = :username OR source = :source)
+      AND at > now() - make_interval(secs => :window)
+), reserved AS (
+    INSERT INTO sign_in_failures (username, source)
+    SELECT :username, :source FROM recent WHERE recent.n < :max_failures
+    RETURNING id
+)
+SELECT (SELECT id FROM reserved) AS id,
+       extract(epoch FROM recent.last + make_interval(secs => :window) - now()) AS retry_after
+FROM recent;
 
 -- name: clear_sign_in_failures
 DELETE FROM sign_in_failures WHERE username = :username OR at < now() - interval '1 day';

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,8 +71,13 @@ class JobPool:
             raise ValueError("timeoutSeconds must be positive")
         return job
 
-    async def enqueue(self, jobs: list[NewJob]) -> EnqueueResult:
-        """Stores jobs atomically: all of them or, on any error, none."""
+    async def enqueue(
+        self,
+        jobs: list[NewJob],
+        also: Callable[[AsyncConnection, EnqueueResult], Awaitable[None]] | None = None,
+    ) -> EnqueueResult:
+        """Stores jobs atomically: all of them or, on any error, none. ``also`` runs in the same
+        transaction (the API's audit entry commits with the jobs, or neither does)."""
         for j in jobs:
             self.validate(j)
         plain = [j for j in jobs if not self.registry.get(j.type).local]
@@ -81,9 +87,12 @@ class JobPool:
             ids = list(plain_ids)
             for j in local:
                 ids += await self._enqueue_local(conn, j)
+            result = EnqueueResult(ids, duplicates=len(plain) - len(plain_ids))
+            if also is not None:
+                await also(conn, result)
             if ids:
                 await conn.execute(Q.notify_jobs)
-        return EnqueueResult(ids, duplicates=len(plain) - len(plain_ids))
+        return result
 
     async def _enqueue_plain(self, conn: AsyncConnection, jobs: list[NewJob]) -> list[int]:
         types = [self.registry.get(j.type) for j in jobs]

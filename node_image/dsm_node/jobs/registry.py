@@ -10,10 +10,15 @@ A *transactional* type gets ``ctx.conn``, a connection inside a transaction that
 job, conditional on the job's fencing token: its database writes happen exactly once, even when a
 node that was declared offline wakes up and finishes the same job late. A *local* type runs once on
 every online node (cache clearing); it is pinned to its node and never taken over.
+
+Every type names the least role allowed to enqueue it through the API (``required_role``;
+``dsm_node.roles``): an administrator by default, so a new type is never open to auditors by
+accident. Enqueues are checked and written to the audit log by the API.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -21,6 +26,8 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.ext.asyncio import AsyncConnection
+
+from dsm_node import roles
 
 Payload = dict[str, Any]
 
@@ -51,6 +58,7 @@ class JobType:
     priority: int = 0
     payload_model: type[BaseModel] | None = None
     description: str = ""
+    required_role: str = roles.ADMINISTRATOR
 
     def validate(self, payload: Any) -> Payload:
         """Checks a payload before it is stored; raises ValueError with a readable message."""
@@ -59,7 +67,9 @@ class JobType:
         if self.payload_model is None:
             return payload
         try:
-            return self.payload_model.model_validate(payload).model_dump(mode="json")
+            # strict JSON semantics: true is not a number, "5" is not 5, ISO strings are dates
+            model = self.payload_model.model_validate_json(json.dumps(payload), strict=True)
+            return model.model_dump(mode="json")
         except ValidationError as e:
             problems = "; ".join(
                 f"{'.'.join(str(p) for p in err['loc']) or 'payload'}: {err['msg']}"
@@ -93,6 +103,10 @@ class Registry:
             raise ValueError(f"job type {jt.name!r} is registered twice")
         if jt.local and jt.transactional:
             raise ValueError("a local job type cannot be transactional")
+        if jt.required_role not in roles.ROLES:
+            raise ValueError(
+                f"job type {jt.name!r}: required_role must be one of {', '.join(roles.ROLES)}"
+            )
         self.types[jt.name] = jt
         return jt
 
@@ -119,6 +133,7 @@ def job_type(
     timeout: float = 300.0,
     priority: int = 0,
     payload_model: type[BaseModel] | None = None,
+    required_role: str = roles.ADMINISTRATOR,
     registry: Registry = REGISTRY,
 ) -> Callable[[Handler], Handler]:
     """Registers a handler as a job type (see the module docstring)."""
@@ -134,6 +149,7 @@ def job_type(
                 timeout=timeout,
                 priority=priority,
                 payload_model=payload_model,
+                required_role=required_role,
                 description=(fn.__doc__ or "").strip().split("\n")[0],
             )
         )

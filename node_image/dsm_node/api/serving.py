@@ -1,0 +1,105 @@
+"""The HTTPS API runs on a thread of its own, with its own event loop and its own database
+connections.
+
+Why: on one event loop, everything a client makes the node do (TLS handshakes and decryption,
+HTTP parsing, JSON, validation, refusals) competes with the node's heartbeat. A flood of cheap
+requests (a few hundred a second of refused sign-ins) was enough to delay heartbeats by seconds
+on a busy machine, and a peer may then declare the node offline. With the API on its own loop the
+node's loop (heartbeat, sweep, job pool) only competes for the interpreter lock, which Python
+hands over every few milliseconds; no request can hold it for long (Argon2 and TLS run without it).
+
+The API thread shares the node object (configuration, phase, keyring) and nothing with a loop
+in it: it has its own engine, job pool gateway and membership gateway (``common.Services``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import ssl
+import threading
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from dsm_node.api import app as api_app
+from dsm_node.api import listeners
+from dsm_node.api.common import Limits, Services
+from dsm_node.cluster.membership import Membership
+from dsm_node.db.engine import create_engine
+from dsm_node.jobs.pool import JobPool
+
+if TYPE_CHECKING:
+    from dsm_node.config import NodeConfig
+    from dsm_node.node import Node
+
+log = logging.getLogger("dsm.api")
+
+
+class ApiServer:
+    """Starts the listeners on the API thread; ``start`` raises what the listeners raised (a
+    port in use, for one)."""
+
+    def __init__(self, node: Node, config: NodeConfig, ssl_context: ssl.SSLContext) -> None:
+        self.node, self.config, self.ssl_context = node, config, ssl_context
+        self._started: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._node_loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name="dsm-api", daemon=True)
+
+    async def start(self) -> None:
+        self._node_loop = asyncio.get_running_loop()
+        self._thread.start()
+        await asyncio.wrap_future(self._started)
+
+    async def stop(self) -> None:
+        if self._loop is not None and self._stop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        await asyncio.to_thread(self._thread.join, 30)
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        except BaseException as e:  # the future carries it to the node's thread
+            if not self._started.done():
+                self._started.set_exception(e)
+            else:
+                log.error("the API thread stopped: %s", e)
+
+    async def _serve(self) -> None:
+        cfg = self.config
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        engine = create_engine(
+            cfg.database_url,
+            pool_size=cfg.api_db_pool_size,
+            application_name=f"dsm-node:{cfg.node_name}:api",
+        )
+        services = Services(engine, JobPool(engine), Membership(engine))
+        deadlines = listeners.Deadlines(
+            header_timeout=cfg.http_header_timeout_seconds,
+            keepalive_timeout=cfg.http_keepalive_timeout_seconds,
+            tls_handshake_timeout=cfg.tls_handshake_timeout_seconds,
+        )
+        app = api_app.build(
+            self.node,
+            services,
+            Limits(body_timeout_seconds=cfg.http_body_timeout_seconds),
+            self._node_loop,
+        )
+        runner = web.AppRunner(app, handle_signals=False, **deadlines.handler_options())
+        await runner.setup()
+        try:
+            ports = [cfg.api_port] + ([cfg.heartbeat_port] if cfg.heartbeat_port else [])
+            for port in ports:
+                await listeners.GuardedSite(
+                    runner, cfg.bind_address, port, self.ssl_context, deadlines
+                ).start()
+            log.info("listening on https://%s:%s", cfg.bind_address, ",".join(map(str, ports)))
+            self._started.set_result(None)
+            await self._stop.wait()
+        finally:
+            await runner.cleanup()
+            await engine.dispose()
