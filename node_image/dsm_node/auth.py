@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import hashlib
 import json
 import logging
@@ -322,3 +323,47 @@ async def audit(
             "source": source,
         },
     )
+
+
+@dataclass(frozen=True)
+class UserRecord:
+    """A user; ``full_name`` and ``email`` are ciphertexts (``user_context`` binds them)."""
+
+    id: int
+    username: str
+    role: str
+    full_name: str | None
+    email: str | None
+    disabled: bool
+    created_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    id: int
+    at: dt.datetime
+    actor: str
+    node: str
+    action: str
+    target: str | None
+    detail: dict[str, Any]
+    source: str | None
+
+
+async def list_users(engine: AsyncEngine) -> list[UserRecord]:
+    async with engine.connect() as conn:
+        return [
+            UserRecord(
+                int(r.id), r.username, r.role, r.full_name, r.email, r.disabled, r.created_at
+            )
+            for r in await conn.execute(Q.list_users)
+        ]
+
+
+async def list_audit(engine: AsyncEngine, limit: int) -> list[AuditEntry]:
+    """The newest entries first."""
+    async with engine.connect() as conn:
+        return [
+            AuditEntry(int(r.id), r.at, r.actor, r.node, r.action, r.target, r.detail, r.source)
+            for r in await conn.execute(Q.list_audit, {"limit": limit})
+        ]

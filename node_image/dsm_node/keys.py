@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from dsm_node import crypto
@@ -20,10 +19,41 @@ from dsm_node.db.queries import Q
 BATCH = 500
 
 
+class MasterKeys:
+    """The cluster's master keys as this node holds them: the keyring its data is encrypted and
+    decrypted with, and the wrapper that unlocks new versions.
+
+    One object per node, shared by the node's event loop and the API's thread: each passes its
+    own engine when it must read the database (a rotation on any node adds key versions this
+    node learns of by reloading). Replacing ``keyring`` is one assignment, safe across threads."""
+
+    def __init__(self, wrapper: crypto.KeyWrapper, keyring: crypto.Keyring) -> None:
+        self.wrapper = wrapper
+        self.keyring = keyring
+
+    async def reload(self, engine: AsyncEngine) -> None:
+        """Picks up master-key versions added by a rotation on any node."""
+        async with engine.connect() as conn:
+            ring = await unlock(conn, self.wrapper)
+        if ring is not None:
+            self.keyring = ring
+
+    async def decrypt(self, engine: AsyncEngine, token: str, context: str) -> str:
+        """Decrypts, reloading the keys first when the token uses a version not seen yet."""
+        if crypto.Keyring.version_of(token) not in self.keyring.keys:
+            await self.reload(engine)
+        return self.keyring.decrypt(token, context)
+
+    def encrypt(self, plaintext: str, context: str) -> str:
+        return self.keyring.encrypt(plaintext, context)
+
+    @property
+    def active(self) -> int | None:
+        return self.keyring.active
+
+
 async def has_key_table(conn: AsyncConnection) -> bool:
-    return bool(
-        (await conn.execute(text("SELECT to_regclass('master_keys') IS NOT NULL"))).scalar()
-    )
+    return bool((await conn.execute(Q.table_exists, {"table": "master_keys"})).scalar())
 
 
 async def unlock(conn: AsyncConnection, wrapper: crypto.KeyWrapper) -> crypto.Keyring | None:
@@ -123,7 +153,7 @@ async def finish_rotation(engine: AsyncEngine, active: int) -> list[int] | None:
     """Retires the old versions once nothing is encrypted under them; None while something is
     (a node that had not yet loaded the new key may have written meanwhile)."""
     async with engine.begin() as conn:
-        await conn.execute(text("LOCK TABLE secret_settings, users IN SHARE MODE"))
+        await conn.execute(Q.lock_encrypted_tables)
         if (await conn.execute(Q.rows_not_under_key, {"version": active})).scalar_one():
             return None
         rows = await conn.execute(
