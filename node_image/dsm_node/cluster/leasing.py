@@ -27,7 +27,7 @@ from dsm_node.cluster import clock, lease
 from dsm_node.cluster.joining import parse_version
 from dsm_node.cluster.lease import Attempt, Effect, Event, Phase, Step
 from dsm_node.cluster.live import LiveSettings
-from dsm_node.cluster.membership import Decommissioned, Identity, Membership, Renewal
+from dsm_node.cluster.membership import Decommissioned, Identity, MemberRow, Renewal
 from dsm_node.cluster.timing import Timing
 
 log = logging.getLogger("dsm.node")
@@ -56,6 +56,20 @@ class Release(Protocol):
 
 class Clearable(Protocol):
     def clear(self) -> int: ...
+
+
+class Members(Protocol):
+    """What the lease loop asks of membership (``cluster.membership.Membership``)."""
+
+    async def heartbeat(
+        self, me: Identity, skew: float | None = None, time_zone: str | None = None
+    ) -> Renewal | None: ...
+
+    async def node_row(self, name: str) -> MemberRow | None: ...
+
+    async def register(self, name: str, address: str, api_port: int, version: str) -> Identity: ...
+
+    async def set_alert(self, alert_type: str, node_id: int, message: str | None) -> None: ...
 
 
 class Effects(Protocol):
@@ -168,7 +182,7 @@ class LeaseKeeper:
     def __init__(
         self,
         lease: Lease,
-        membership: Membership,
+        membership: Members,
         live: LiveSettings,
         effects: Effects,
         registration: Registration,
