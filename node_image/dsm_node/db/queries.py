@@ -44,7 +44,7 @@ def parse(sql: str) -> dict[str, str]:
                 lines += [m.group(1) + f for f in fragments[m.group(2)]]
             elif not ln.lstrip().startswith("--"):
                 lines.append(ln)
-        out[name] = "\n".join(lines).strip().rstrip(";")
+        out[name] = "\n".join(lines).strip().rstrip(";").rstrip()
     return out
 
 
