@@ -30,6 +30,7 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, TypeVar
 
 import argon2
@@ -93,17 +94,22 @@ class HashingPool:
 HASHING = HashingPool()
 
 
+class PrincipalKind(StrEnum):
+    USER = "user"  # signed in: a session token
+    API_KEY = "api-key"
+
+
 @dataclass(frozen=True)
 class Principal:
     """Who is calling: a user (by session) or an API key."""
 
     name: str
     role: str
-    kind: str  # "user" or "api-key"
+    kind: PrincipalKind
 
     @property
     def is_admin(self) -> bool:
-        return self.role == "administrator"
+        return self.role == roles.ADMINISTRATOR
 
 
 class SignInError(Exception):
@@ -219,10 +225,10 @@ async def authenticate(engine: AsyncEngine, bearer: str) -> Principal | None:
     async with engine.begin() as conn:
         row = (await conn.execute(Q.session_user, {"token_hash": h})).first()
         if row is not None:
-            return Principal(row.username, row.role, "user")
+            return Principal(row.username, row.role, PrincipalKind.USER)
         row = (await conn.execute(Q.api_key_user, {"key_hash": h})).first()
         if row is not None:
-            return Principal(f"api-key:{row.name}", row.role, "api-key")
+            return Principal(f"api-key:{row.name}", row.role, PrincipalKind.API_KEY)
     return None
 
 

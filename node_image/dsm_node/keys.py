@@ -9,6 +9,7 @@ decrypt with every version not yet retired). When nothing uses the old version, 
 from __future__ import annotations
 
 import json
+from enum import StrEnum
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -17,6 +18,14 @@ from dsm_node.auth import user_context
 from dsm_node.db.queries import Q
 
 BATCH = 500
+
+
+class KeyState(StrEnum):
+    """``master_keys.state``: a rotation moves the active version to retiring, then retired."""
+
+    ACTIVE = "active"  # encrypts; one at a time
+    RETIRING = "retiring"  # still decrypts what is not re-encrypted yet
+    RETIRED = "retired"  # nothing uses it any more (kept readable for slow nodes)
 
 
 class MasterKeys:
@@ -74,7 +83,7 @@ async def unlock(conn: AsyncConnection, wrapper: crypto.KeyWrapper) -> crypto.Ke
         key = wrapper.unwrap(bytes(r.wrapped_key), r.wrap_params)
         if crypto.check_value(key) != bytes(r.check_value):
             raise crypto.WrongSecret("master key check value does not match")
-        ring.add(int(r.version), key, r.state == "active")
+        ring.add(int(r.version), key, r.state == KeyState.ACTIVE)
     return ring
 
 
@@ -89,7 +98,7 @@ async def add_key(conn: AsyncConnection, wrapper: crypto.KeyWrapper, version: in
             "wrapping": wrapper.name,
             "wrap_params": json.dumps(params),
             "check_value": crypto.check_value(key),
-            "state": "active",
+            "state": KeyState.ACTIVE.value,
         },
     )
     return key
@@ -106,9 +115,12 @@ async def begin_rotation(engine: AsyncEngine, wrapper: crypto.KeyWrapper) -> int
     Idempotent while a rotation is under way: returns the version being rotated to."""
     async with engine.begin() as conn:
         rows = (await conn.execute(Q.master_keys)).all()
-        if any(r.state == "retiring" for r in rows):
+        if any(r.state == KeyState.RETIRING for r in rows):
             return max(int(r.version) for r in rows)
-        await conn.execute(Q.retire_master_keys, {"from_state": "active", "to_state": "retiring"})
+        await conn.execute(
+            Q.retire_master_keys,
+            {"from_state": KeyState.ACTIVE.value, "to_state": KeyState.RETIRING.value},
+        )
         version = max((int(r.version) for r in rows), default=0) + 1
         await add_key(conn, wrapper, version)
         return version
@@ -157,6 +169,7 @@ async def finish_rotation(engine: AsyncEngine, active: int) -> list[int] | None:
         if (await conn.execute(Q.rows_not_under_key, {"version": active})).scalar_one():
             return None
         rows = await conn.execute(
-            Q.retire_master_keys, {"from_state": "retiring", "to_state": "retired"}
+            Q.retire_master_keys,
+            {"from_state": KeyState.RETIRING.value, "to_state": KeyState.RETIRED.value},
         )
         return [int(r.version) for r in rows]

@@ -116,7 +116,7 @@ async def sign_in(request: web.Request) -> web.Response:
 
 async def sign_out(request: web.Request) -> web.Response:
     services = ready(request)
-    if principal(request).kind != "user":
+    if principal(request).kind is not auth.PrincipalKind.USER:
         raise ClientError(400, "only a session can sign out; API keys are revoked instead")
     token = inputs.bearer_token(request.headers.get("Authorization"))
     assert token is not None  # the guard authenticated this very token
