@@ -18,7 +18,7 @@ import socket
 import struct
 import threading
 
-from dsm_node.embedded_pg import free_port
+from tests.support.loopback import free_port
 
 # Stop reading from one side while this much is waiting to be written to the other.
 BUFFER_LIMIT = 1 << 20
