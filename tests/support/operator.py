@@ -71,7 +71,8 @@ class Api:
         self.custom.create_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, body)
 
     def get(self, name: str = "mgr") -> dict[str, Any]:
-        return dict(self.custom.get_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, name))
+        body: Any = self.custom.get_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, name)
+        return dict(body)
 
     def patch_spec(self, spec: dict[str, Any], name: str = "mgr") -> None:
         self.custom.patch_namespaced_custom_object(
@@ -97,11 +98,11 @@ class Api:
 
     def uids(self) -> dict[str, str]:
         """Pod name -> uid of the live pods."""
-        return {p.metadata.name: p.metadata.uid for p in self.pods()}
+        return {str(p.metadata.name): str(p.metadata.uid) for p in self.pods()}
 
     def events(self) -> list[tuple[str, str]]:
         return [
-            (e.reason, e.message or "")
+            (str(e.reason), str(e.message or ""))
             for e in self.core.list_namespaced_event(self.ns).items
             if e.involved_object.kind == "DeepSecurityManager"
         ]

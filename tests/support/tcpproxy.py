@@ -118,8 +118,9 @@ class Proxy:
                 for s in list(peer):
                     interest(s)
             for key, events in sel.select(timeout=0.05):
-                s = key.fileobj
-                assert isinstance(s, socket.socket)
+                ready = key.fileobj
+                assert isinstance(ready, socket.socket)
+                s = ready
                 if s is self._listener:
                     try:
                         client, _ = self._listener.accept()

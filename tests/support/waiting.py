@@ -29,7 +29,7 @@ class TimedOut(AssertionError):
 
 
 def wait_until(
-    check: Callable[[], T],
+    check: Callable[[], T | None],
     timeout: float,
     what: str,
     detail: Callable[[], str] | None = None,
