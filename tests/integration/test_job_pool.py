@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import random
 from collections.abc import AsyncIterator
 
 import pytest
@@ -197,16 +196,6 @@ async def test_stats_by_node_and_type_include_rolled_up_and_fresh_jobs(
     by = {(r.node, r.type, r.outcome): r.jobs for r in stats}
     assert by == {("a", "noop", "succeeded"): 10, ("b", "noop", "succeeded"): 20}
     assert await pool.stats(60) != stats  # the aged ones fall out of a one-minute window
-
-
-def test_backoff_grows_exponentially_and_is_capped() -> None:
-    b = states.Backoff(base_seconds=2, max_seconds=60, jitter=0)
-    assert [b.delay(n) for n in (1, 2, 3, 4, 10)] == [2, 4, 8, 16, 60]
-    jittered = states.Backoff(base_seconds=10, jitter=0.2)
-    rnd = random.Random(1)
-    assert all(8 <= jittered.delay(1, rnd) <= 12 for _ in range(100))
-    assert states.after_failure(3, 3, b).retry is False
-    assert states.after_failure(2, 3, b) == states.AfterFailure(True, 4)
 
 
 async def test_run_at_in_the_future_is_scheduled(pool: JobPool) -> None:

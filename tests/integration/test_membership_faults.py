@@ -5,6 +5,10 @@ inside a transaction holding row locks must cost the cluster only that node: no 
 its locks, fence itself or be declared offline, and the frozen node is declared offline on time.
 The node is frozen at the exact moment by its fault points (``dsm_node.faults``): after a
 completion deleted job rows and while its heartbeat holds its own row, both uncommitted.
+
+Also: a stored setting that breaks the cluster's arithmetic stops nothing and its repair is picked
+up by itself; a sweep stuck inside its transaction delays neither heartbeats nor settings; a node
+whose join took longer than the threshold is not declared offline on arrival.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ import psycopg
 import pytest
 
 from dsm_node.db import migrating
-from tests.support.nodes import Cluster, NodeProcess, query, set_settings, wait_until
+from tests.support.nodes import Cluster, NodeProcess, query, set_settings
 from tests.support.tcpproxy import Proxy
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -1,6 +1,6 @@
 """Real node processes against a real PostgreSQL: exactly-once effects, takeover after SIGKILL,
 fencing after SIGSTOP, self-fencing when cut off from the database, local and periodic jobs,
-simultaneous start, graceful halt.
+simultaneous start, graceful halt, and restarts that do not spend a job's attempts.
 
 Timings are shortened through the cluster settings (heartbeat and offline threshold); assertions
 are about behaviour and order, never about how fast something was.
@@ -17,8 +17,9 @@ import pytest
 
 from dsm_node.db import migrating
 from tests.support.effects import effects_per_job, node_status, pending, prepare, submit
-from tests.support.nodes import Cluster, query, wait_until
+from tests.support.nodes import Cluster, query
 from tests.support.tcpproxy import Proxy
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
