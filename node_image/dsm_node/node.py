@@ -145,6 +145,9 @@ class Node:
         reasons = []
         if self.lease.identity is None:
             reasons.append(f"not registered ({phase})")
+        elif phase is Phase.JOINING:
+            # registered, but the services the API needs are not built yet (503 'not ready yet')
+            reasons.append("registered, still joining")
         if phase is Phase.FENCED:
             reasons.append("database unreachable: stopped working until it is back")
         if phase is Phase.REJOINING:
