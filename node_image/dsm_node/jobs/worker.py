@@ -138,6 +138,8 @@ class Worker:
             claimed_before = asyncio.get_running_loop().time()
             try:
                 async with self._claim_out:
+                    if not self.claiming:  # stopped or paused while this loop was not looking
+                        continue
                     jobs = await self.pool.claim(me.node_id, me.epoch, want)
             except Exception as e:  # the database is away; membership decides what that means
                 log.warning("claim failed: %s", _short(e))
