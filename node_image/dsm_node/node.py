@@ -324,6 +324,7 @@ class Node:
             ("gauges", lambda: self._refresh_gauges(r)),
         )
         while True:
+            changed = self.live.watch()
             for name, step in steps:
                 try:
                     await step()
@@ -333,7 +334,7 @@ class Node:
                         log.warning("could not refresh %s: %s", name, _first_line(e))
                     failing.add(name)
             await self.live.pause(
-                min(SETTINGS_REFRESH_SECONDS, self.live.timing.heartbeat_interval)
+                min(SETTINGS_REFRESH_SECONDS, self.live.timing.heartbeat_interval), since=changed
             )
 
     async def _refresh_gauges(self, r: Running) -> None:
