@@ -18,6 +18,7 @@ from dsm_node.auth import user_context
 from dsm_node.db.queries import Q
 
 BATCH = 500
+AGENT_CA_KEY_CONTEXT = "agent-ca/private-key"
 
 
 async def has_key_table(conn: AsyncConnection) -> bool:
@@ -116,6 +117,17 @@ async def reencrypt_batch(engine: AsyncEngine, ring: crypto.Keyring) -> int:
                 Q.update_user_personal_data, {"id": u.id, **fields, "key_version": ring.active}
             )
             done += 1
+        # The agent CA's private key (dsm_node.agents.store) is under the master key too.
+        for ca in (await conn.execute(Q.agent_ca_to_reencrypt, {"version": ring.active})).all():
+            ctx = AGENT_CA_KEY_CONTEXT
+            await conn.execute(
+                Q.update_agent_ca_key,
+                {
+                    "private_key": ring.encrypt(ring.decrypt(ca.private_key, ctx), ctx),
+                    "key_version": ring.active,
+                },
+            )
+            done += 1
     return done
 
 
@@ -123,7 +135,7 @@ async def finish_rotation(engine: AsyncEngine, active: int) -> list[int] | None:
     """Retires the old versions once nothing is encrypted under them; None while something is
     (a node that had not yet loaded the new key may have written meanwhile)."""
     async with engine.begin() as conn:
-        await conn.execute(text("LOCK TABLE secret_settings, users IN SHARE MODE"))
+        await conn.execute(text("LOCK TABLE secret_settings, users, agent_ca IN SHARE MODE"))
         if (await conn.execute(Q.rows_not_under_key, {"version": active})).scalar_one():
             return None
         rows = await conn.execute(

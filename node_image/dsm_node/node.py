@@ -30,6 +30,7 @@ from psycopg.conninfo import make_conninfo
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from dsm_node import crypto, keys, metrics, settings_store
+from dsm_node.agents import watching  # noqa: F401  (agent job types; issue 11)
 from dsm_node.caches import Caches
 from dsm_node.cluster import joining, timing
 from dsm_node.cluster.membership import Decommissioned, Identity, Membership

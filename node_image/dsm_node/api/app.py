@@ -24,6 +24,7 @@ from pydantic import Field, ValidationError, field_validator
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from dsm_node import auth, metrics, roles
+from dsm_node.agents import routes as agent_routes
 from dsm_node.api import admin, inputs, listeners, paths
 from dsm_node.api.common import (
     KIB,
@@ -372,6 +373,7 @@ ROUTES = [
     Route("GET", paths.API_JOB_STATS, job_stats, roles.AUDITOR),
     Route("GET", paths.API_JOB, get_job, roles.AUDITOR),
     *admin.ROUTES,
+    *agent_routes.ROUTES,  # agents (issue 11): tokens, agents, events, deactivation
 ]
 ROUTE_TABLE_KEY: web.AppKey[dict[int, Route]] = web.AppKey("routes")
 NODE_LOOP_KEY: web.AppKey[asyncio.AbstractEventLoop] = web.AppKey("node-loop")
