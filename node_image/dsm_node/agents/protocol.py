@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -106,13 +107,19 @@ class ProtocolError(ValueError):
         self.status, self.code, self.extra = status, code, extra
 
 
+_UNION_MEMBER = re.compile(r"^(function-\w+\[.*|int|float|bool|none|str)$")
+
+
 def _message(e: ValidationError) -> str:
-    parts = []
-    for err in e.errors()[:5]:
-        where = ".".join(str(p) for p in err["loc"]) or "body"
-        msg = err["msg"].removeprefix("Value error, ")
-        parts.append(f"{where}: {msg}")
-    return "invalid request: " + "; ".join(parts)
+    parts: dict[str, str] = {}
+    for err in e.errors():
+        # a union's members appear in the location ("function-after[...]", "int"): drop them,
+        # and say the first problem of each field
+        loc = [str(p) for p in err["loc"] if not _UNION_MEMBER.match(str(p))]
+        where = ".".join(loc) or "body"
+        parts.setdefault(where, err["msg"].removeprefix("Value error, "))
+    shown = list(parts.items())[:5]
+    return "invalid request: " + "; ".join(f"{where}: {msg}" for where, msg in shown)
 
 
 def parse_heartbeat(body: bytes) -> Heartbeat:
