@@ -169,6 +169,12 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds between heartbeats (default 10)",
     )
     up.add_argument("--no-watch", action="store_true", help="print status once per change only")
+    up.add_argument(
+        "--agents",
+        type=int,
+        default=0,
+        help="also run this many simulated agents (dsm agents simulate; heartbeat every 10 s)",
+    )
     up.set_defaults(func=_up)
 
     _, node = _group(sub, "node", "run a node")

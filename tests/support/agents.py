@@ -129,6 +129,7 @@ class Simulator:
         return self.state_dir / "simulate.log"
 
     def start(self) -> Simulator:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
         args = [sys.executable, "-m", "dsm_node", "agents", "simulate"]
         for m in self.managers:
             args += ["--manager", m]

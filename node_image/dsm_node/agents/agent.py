@@ -34,6 +34,7 @@ from dsm_node.agents import pki, protocol
 CONNECT_TIMEOUT = 10.0
 ANSWER_TIMEOUT = 30.0
 JITTER = 0.1
+LOAD_BALANCER_TRIES = 3
 
 
 class AgentError(RuntimeError):
@@ -418,6 +419,9 @@ class Agent:
         started = time.monotonic()
         order = list(self.state.managers)
         self.rng.shuffle(order)  # a random pick, then the others in random order
+        if self.state.mode == "loadBalancer":
+            # each new connection may land on another node: a balancer gets a few tries
+            order = order * LOAD_BALANCER_TRIES
         failures: list[str] = []
         for tried, (address, port) in enumerate(order, 1):
             body, sent = self.body()

@@ -1,0 +1,411 @@
+"""Agent heartbeat benchmark: heartbeats/s and events/s per node with durable commits, a new
+mutual-TLS connection per heartbeat and 10 events each, 1 and 3 real nodes, group commit side by
+side with one transaction per heartbeat, the CPU split (PostgreSQL, nodes, simulator), and a
+reconnect storm. Method and figures: docs/benchmarks.md ("Agent heartbeats").
+
+    .venv/bin/python -m bench.agents [--agents 600] [--interval 2] [--seconds 30] [--storm 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from bench.common import CpuMeter, Server, say, table
+from dsm_node.db import migrating  # noqa: F401
+from dsm_node.embedded_pg import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+SECRET = "bench-local-secret"
+API_KEY = "bench-api-key-0123456789"
+ONE_TX = {
+    "DSM_AGENT_BATCH_MAX": "1",
+    "DSM_AGENT_COMMITTERS": "16",
+    "DSM_AGENT_BATCH_WAIT_SECONDS": "0",
+}
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+@dataclass
+class Node:
+    name: str
+    address: str
+    url: str
+    extra: dict[str, str]
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+    api_port: int = 0
+    hb_port: int = 0
+
+    def start(self) -> None:
+        self.api_port = self.api_port or free_port(self.address)
+        self.hb_port = self.hb_port or free_port(self.address)
+        e = {
+            **env(),
+            "DSM_DATABASE_URL": self.url,
+            "DSM_NODE_NAME": self.name,
+            "DSM_BIND_ADDRESS": self.address,
+            "DSM_API_PORT": str(self.api_port),
+            "DSM_HEARTBEAT_PORT": str(self.hb_port),
+            "DSM_LOCAL_SECRET": SECRET,
+            "DSM_BOOTSTRAP_API_KEY": API_KEY,
+            **self.extra,
+        }
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "dsm_node", "node", "run"],
+                env=e,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(
+                    f"https://{self.address}:{self.api_port}/readyz", context=ctx, timeout=2
+                ):
+                    time.sleep(1.0)  # the heartbeat port opens right after the join
+                    return
+            except Exception:
+                time.sleep(0.3)
+        raise RuntimeError(f"{self.name} did not start: {self.log.read_text()[-2000:]}")
+
+    @property
+    def manager(self) -> str:
+        return f"{self.address}:{self.hb_port}"
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(60)
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def api(node: Node, method: str, path: str, body: Any = None) -> Any:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    req = urllib.request.Request(
+        f"https://{node.address}:{node.api_port}{path}",
+        data=json.dumps(body).encode() if body is not None else None,
+        method=method,
+        headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, context=ctx, timeout=60) as r:
+        return json.loads(r.read())
+
+
+def simulate(
+    managers: list[str],
+    count: int,
+    interval: float,
+    seconds: float,
+    state: Path,
+    tok: str,
+    pin: str,
+    status: Path,
+) -> subprocess.Popen[bytes]:
+    args = [
+        sys.executable,
+        "-m",
+        "dsm_node",
+        "agents",
+        "simulate",
+        "--count",
+        str(count),
+        "--interval",
+        str(interval),
+        "--events",
+        "10",
+        "--state-dir",
+        str(state),
+        "--status-file",
+        str(status),
+        "--token",
+        tok,
+        "--ca-pin",
+        pin,
+        "--duration",
+        str(seconds),
+        "--connections",
+        "128",
+    ]
+    for m in managers:
+        args += ["--manager", m]
+    return subprocess.Popen(
+        args, env=env(), stdout=subprocess.DEVNULL, stderr=open(state / "sim.log", "ab")
+    )
+
+
+def db_totals(url: str) -> tuple[int, int]:
+    with psycopg.connect(url) as c:
+        row = c.execute(
+            "SELECT coalesce(sum(heartbeats), 0), (SELECT count(*) FROM agent_events) FROM agents"
+        ).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+def run_config(
+    server: Server, nodes_n: int, mode: str, args: argparse.Namespace, work: Path
+) -> dict[str, Any]:
+    db = f"agents_{nodes_n}_{mode}"
+    url = server.create_database(db)
+    nodes = [
+        Node(
+            f"n{i}",
+            f"127.0.9.{i + 1}",
+            url,
+            ONE_TX if mode == "one-tx" else {},
+            work / f"{db}-n{i}.log",
+        )
+        for i in range(nodes_n)
+    ]
+    for n in nodes:
+        n.start()
+    try:
+        api(
+            nodes[0],
+            "PATCH",
+            "/api/settings",
+            {
+                "agentHeartbeatIntervalSeconds": max(1.0, args.interval),
+                "agentMissedHeartbeatsOffline": 0,
+            },
+        )
+        tok = api(nodes[0], "POST", "/api/agents/tokens", {"maxUses": args.agents})
+        state = work / f"{db}-sim"
+        state.mkdir()
+        status = state / "status.json"
+        # activation and warm-up are not measured: run until every agent answered once
+        sim = simulate(
+            [n.manager for n in nodes],
+            args.agents,
+            args.interval,
+            10**6,
+            state,
+            tok["token"],
+            tok["caPin"],
+            status,
+        )
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            try:
+                s = json.loads(status.read_text())
+                if s.get("perAgent") and all(a["ok"] >= 1 for a in s["perAgent"]):
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(1)
+        groups = {
+            "postgres": server.pids(),
+            "nodes": [n.proc.pid for n in nodes if n.proc],
+            "simulator": [sim.pid],
+        }
+        hb0, ev0 = db_totals(url)
+        s0 = json.loads(status.read_text())
+        meter = CpuMeter(groups)
+        t0 = time.monotonic()
+        time.sleep(args.seconds)
+        cpu = meter.stop(groups)
+        elapsed = time.monotonic() - t0
+        hb1, ev1 = db_totals(url)
+        s1 = json.loads(status.read_text())
+        sim.send_signal(signal.SIGTERM)
+        sim.wait(120)
+        hbs, evs = hb1 - hb0, ev1 - ev0
+        return {
+            "nodes": nodes_n,
+            "mode": mode,
+            "agents": args.agents,
+            "interval": args.interval,
+            "seconds": round(elapsed, 1),
+            "heartbeats": hbs,
+            "events": evs,
+            "heartbeatsPerSecond": hbs / elapsed,
+            "eventsPerSecond": evs / elapsed,
+            "perNodeHeartbeatsPerSecond": hbs / elapsed / nodes_n,
+            "cpuSeconds": cpu,
+            "nodeCpuMsPerHeartbeat": 1000 * cpu["nodes"] / max(1, hbs),
+            "postgresCpuMsPerHeartbeat": 1000 * cpu["postgres"] / max(1, hbs),
+            "simulatorCpuMsPerHeartbeat": 1000 * cpu["simulator"] / max(1, hbs),
+            "heartbeatsPerNodeCpuSecond": hbs / max(0.001, cpu["nodes"]),
+            "p50Ms": 1000 * s1["p50Seconds"],
+            "p99Ms": 1000 * s1["p99Seconds"],
+            "errors": s1["errors"] - s0["errors"],
+        }
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+def storm(server: Server, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """N agents on 2 nodes (node list); one node is killed; time until every agent heartbeated
+    on the other (database timestamps)."""
+    url = server.create_database("agents_storm")
+    nodes = [
+        Node(f"s{i}", f"127.0.9.{20 + i}", url, {}, work / f"storm-s{i}.log") for i in range(2)
+    ]
+    for n in nodes:
+        n.start()
+    try:
+        interval = args.storm_interval
+        api(
+            nodes[0],
+            "PATCH",
+            "/api/settings",
+            {"agentHeartbeatIntervalSeconds": interval, "agentMissedHeartbeatsOffline": 0},
+        )
+        tok = api(nodes[0], "POST", "/api/agents/tokens", {"maxUses": args.storm})
+        state = work / "storm-sim"
+        state.mkdir()
+        status = state / "status.json"
+        sim = simulate(
+            [n.manager for n in nodes],
+            args.storm,
+            interval,
+            10**6,
+            state,
+            tok["token"],
+            tok["caPin"],
+            status,
+        )
+        while True:
+            try:
+                s = json.loads(status.read_text())
+                if s.get("perAgent") and all(a["ok"] >= 2 for a in s["perAgent"]):
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(1)
+        with psycopg.connect(url) as c:
+            kill_at = c.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
+            on_victim = c.execute(
+                "SELECT count(*) FROM agents a JOIN nodes n ON n.id = a.last_node "
+                "WHERE n.name = 's1'"
+            ).fetchone()[0]  # type: ignore[index]
+        nodes[1].kill()
+        t0 = time.monotonic()
+        while True:
+            with psycopg.connect(url) as c:
+                left = c.execute(
+                    "SELECT count(*) FROM agents WHERE last_heartbeat <= %s", (kill_at,)
+                ).fetchone()[0]  # type: ignore[index]
+            if left == 0 or time.monotonic() - t0 > 600:
+                break
+            time.sleep(0.5)
+        with psycopg.connect(url) as c:
+            took = c.execute(
+                "SELECT extract(epoch FROM max(last_heartbeat) - %s) FROM agents", (kill_at,)
+            ).fetchone()[0]  # type: ignore[index]
+        sim.send_signal(signal.SIGTERM)
+        sim.wait(120)
+        return {
+            "agents": args.storm,
+            "interval": interval,
+            "agentsOnKilledNode": on_victim,
+            "rehomedAllWithinSeconds": float(took),
+            "left": left,
+        }
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--agents", type=int, default=600)
+    p.add_argument("--interval", type=float, default=2.0)
+    p.add_argument("--seconds", type=float, default=30.0)
+    p.add_argument("--storm", type=int, default=2000, help="agents in the storm (0 skips)")
+    p.add_argument("--storm-interval", type=float, default=30.0)
+    p.add_argument("--nodes", default="1,3")
+    args = p.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="dsm-bench-agents-"))
+    server = Server.start()
+    results: list[dict[str, Any]] = []
+    try:
+        for n in [int(x) for x in args.nodes.split(",")]:
+            for mode in ("group-commit", "one-tx"):
+                say(
+                    f"{n} node(s), {mode}: {args.agents} agents every {args.interval} s, "
+                    "10 events each"
+                )
+                r = run_config(server, n, mode, args, work)
+                say(json.dumps({k: v for k, v in r.items() if k != "cpuSeconds"}))
+                results.append(r)
+        storm_result = storm(server, args, work) if args.storm else None
+    finally:
+        server.stop()
+    rows = [
+        [
+            "nodes",
+            "commit",
+            "heartbeats/s",
+            "per node",
+            "events/s",
+            "node CPU ms/hb",
+            "hb per node-CPU-s",
+            "PG CPU ms/hb",
+            "sim CPU ms/hb",
+            "p50 ms",
+            "p99 ms",
+            "errors",
+        ]
+    ]
+    for r in results:
+        rows.append(
+            [
+                str(r["nodes"]),
+                r["mode"],
+                f"{r['heartbeatsPerSecond']:.0f}",
+                f"{r['perNodeHeartbeatsPerSecond']:.0f}",
+                f"{r['eventsPerSecond']:,.0f}",
+                f"{r['nodeCpuMsPerHeartbeat']:.2f}",
+                f"{r['heartbeatsPerNodeCpuSecond']:.0f}",
+                f"{r['postgresCpuMsPerHeartbeat']:.2f}",
+                f"{r['simulatorCpuMsPerHeartbeat']:.2f}",
+                f"{r['p50Ms']:.0f}",
+                f"{r['p99Ms']:.0f}",
+                str(r["errors"]),
+            ]
+        )
+    print(table(rows, right=set(range(2, 12))))
+    if storm_result:
+        print("storm:", json.dumps(storm_result))
+    out = (
+        REPO / "bench" / "results" / f"agents-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
+    )
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(
+        json.dumps({"results": results, "storm": storm_result, "args": vars(args)}, indent=2)
+    )
+    print(f"raw results: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
