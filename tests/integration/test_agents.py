@@ -17,7 +17,7 @@ from tests.support.agents import (
     token,
     wait_serving,
 )
-from tests.support.nodes import Cluster, query
+from tests.support.nodes import Cluster, query, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -87,3 +87,84 @@ def test_agent_activates_heartbeats_and_its_events_are_stored_once(
     )
     assert r.returncode == 3 and "token_used_up" in r.stderr, r.stderr
     assert query(url, "SELECT count(*) FROM agents") == [(1,)]
+
+
+def test_a_token_is_never_used_more_often_than_it_allows(dsm_cluster: Cluster) -> None:
+    """30 activations at once, on two nodes, with a token of 5 uses: exactly 5 agents."""
+    import asyncio
+
+    from dsm_node.agents import agent as agent_mod
+    from tests.support.agents import heartbeat_port
+
+    url = dsm_cluster.database_url
+    a, b = start_node(dsm_cluster, "a"), start_node(dsm_cluster, "b")
+    wait_serving(a)
+    wait_serving(b)
+    tok, pin = token(a, uses=5)
+
+    async def one(i: int) -> str:
+        node = (a, b)[i % 2]
+        try:
+            await agent_mod.activate([(node.address, heartbeat_port(node))], tok, pin, f"h{i}")
+        except agent_mod.AgentError as e:
+            return "token_used_up" if "token_used_up" in str(e) else str(e)
+        return "activated"
+
+    async def all_at_once() -> list[str]:
+        return list(await asyncio.gather(*(one(i) for i in range(30))))
+
+    results = asyncio.run(all_at_once())
+    assert results.count("activated") == 5, results
+    assert results.count("token_used_up") == 25, results
+    assert query(url, "SELECT count(*), min(uses), max(uses) FROM agents, activation_tokens") == [
+        (5, 5, 5)
+    ]
+
+
+def test_silent_agent_turns_offline_with_an_alert_and_a_deactivated_one_is_refused(
+    dsm_cluster: Cluster, tmp_path: Path
+) -> None:
+    """A silent agent turns Offline with an alert after the missed intervals (the watch job, on
+    the database's clock); a deactivated agent's next heartbeat is refused and it stops."""
+    url = dsm_cluster.database_url
+    agent_settings(url, interval=1.0, missed=2, agent_clock_skew_limit_seconds=5.0)
+    a = start_node(dsm_cluster, "a")
+    wait_serving(a)
+    tok, pin = token(a)
+    state = tmp_path / "agent"
+    r = dsm(
+        "agent",
+        "run",
+        "--state-dir",
+        str(state),
+        "--manager",
+        manager_of(a),
+        "--token",
+        tok,
+        "--ca-pin",
+        pin,
+        "--max-heartbeats",
+        "1",
+    )
+    assert r.returncode == 0, r.stderr
+    wait_until(
+        lambda: query(url, "SELECT status FROM agents WHERE id = 1") == [("offline",)],
+        120,
+        "the agent Offline",
+    )
+    status, body = a.request("GET", "/api/agents/alerts")
+    assert status == 200 and [x["type"] for x in body["alerts"]] == ["Agent Offline"]
+    # deactivated: the certificate is revoked on the node at once
+    status, body = a.request("POST", "/api/agents/1/deactivate")
+    assert status == 200
+    r = dsm(
+        "agent",
+        "run",
+        "--state-dir",
+        str(state),
+        "--manager",
+        manager_of(a),
+        "--max-heartbeats",
+        "1",
+    )
+    assert r.returncode == 3 and "deactivated" in r.stderr, r.stderr

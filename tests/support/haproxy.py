@@ -4,6 +4,7 @@ passthrough, no TLS termination, as the original product's load-balancer guidanc
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -41,7 +42,8 @@ class Balancer:
             for name, (a, p) in self.backends.items()
         )
         return f"""global
-    maxconn 20000
+    # each connection holds two descriptors; the tests' limit is 20,000
+    maxconn 4000
 defaults
     mode tcp
     timeout connect 3s
@@ -63,10 +65,17 @@ backend nodes
         cfg.write_text(self.config())
         log = open(self.directory / "haproxy.log", "ab")  # noqa: SIM115 (the child keeps it)
         self.proc = subprocess.Popen([binary(), "-db", "-f", str(cfg)], stdout=log, stderr=log)
-        time.sleep(0.5)
-        if self.proc.poll() is not None:
-            raise AssertionError((self.directory / "haproxy.log").read_text())
-        return self
+        deadline = time.monotonic() + 30
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError((self.directory / "haproxy.log").read_text())
+            try:
+                socket.create_connection((self.address, self.port), timeout=1).close()
+                return self
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
