@@ -155,9 +155,8 @@ def simulate(
     ]
     for m in managers:
         args += ["--manager", m]
-    return subprocess.Popen(
-        args, env=env(), stdout=subprocess.DEVNULL, stderr=open(state / "sim.log", "ab")
-    )
+    with open(state / "sim.log", "ab") as log:  # the child keeps its own
+        return subprocess.Popen(args, env=env(), stdout=subprocess.DEVNULL, stderr=log)
 
 
 def db_totals(url: str) -> tuple[int, int]:
@@ -169,62 +168,67 @@ def db_totals(url: str) -> tuple[int, int]:
     return int(row[0]), int(row[1])
 
 
+def wait_all_answered(status: Path, at_least: int, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 1800
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the simulator exited with {proc.returncode}")
+        try:
+            s = json.loads(status.read_text())
+            if s.get("perAgent") and all(a["ok"] >= at_least for a in s["perAgent"]):
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(1)
+    raise RuntimeError("agents did not all heartbeat in 30 minutes")
+
+
+def idle_cpu_rate(pids: list[int], seconds: float = 10.0) -> float:
+    """CPU seconds per second the nodes spend with no agent at all (their own loops)."""
+    meter = CpuMeter({"nodes": pids})
+    time.sleep(seconds)
+    return meter.stop({"nodes": pids})["nodes"] / seconds
+
+
 def run_config(
-    server: Server, nodes_n: int, mode: str, args: argparse.Namespace, work: Path
+    server: Server,
+    url: str,
+    nodes_n: int,
+    mode: str,
+    args: argparse.Namespace,
+    work: Path,
+    pool: Path,
+    tok: dict[str, Any],
 ) -> dict[str, Any]:
-    db = f"agents_{nodes_n}_{mode}"
-    url = server.create_database(db)
     nodes = [
         Node(
             f"n{i}",
             f"127.0.9.{i + 1}",
             url,
             ONE_TX if mode == "one-tx" else {},
-            work / f"{db}-n{i}.log",
+            work / f"{nodes_n}-{mode}-n{i}.log",
         )
         for i in range(nodes_n)
     ]
     for n in nodes:
         n.start()
+    sim: subprocess.Popen[bytes] | None = None
     try:
-        api(
-            nodes[0],
-            "PATCH",
-            "/api/settings",
-            {
-                "agentHeartbeatIntervalSeconds": max(1.0, args.interval),
-                "agentMissedHeartbeatsOffline": 0,
-            },
-        )
-        tok = api(nodes[0], "POST", "/api/agents/tokens", {"maxUses": args.agents})
-        state = work / f"{db}-sim"
-        state.mkdir()
-        status = state / "status.json"
-        # activation and warm-up are not measured: run until every agent answered once
+        pids = [n.proc.pid for n in nodes if n.proc]
+        idle = idle_cpu_rate(pids)
+        status = work / f"{nodes_n}-{mode}-status.json"
         sim = simulate(
             [n.manager for n in nodes],
             args.agents,
             args.interval,
             10**6,
-            state,
+            pool,
             tok["token"],
             tok["caPin"],
             status,
         )
-        deadline = time.monotonic() + 900
-        while time.monotonic() < deadline:
-            try:
-                s = json.loads(status.read_text())
-                if s.get("perAgent") and all(a["ok"] >= 1 for a in s["perAgent"]):
-                    break
-            except (OSError, ValueError):
-                pass
-            time.sleep(1)
-        groups = {
-            "postgres": server.pids(),
-            "nodes": [n.proc.pid for n in nodes if n.proc],
-            "simulator": [sim.pid],
-        }
+        wait_all_answered(status, 2, sim)  # activation (first run only) and warm-up: not measured
+        groups = {"postgres": server.pids(), "nodes": pids, "simulator": [sim.pid]}
         hb0, ev0 = db_totals(url)
         s0 = json.loads(status.read_text())
         meter = CpuMeter(groups)
@@ -234,9 +238,8 @@ def run_config(
         elapsed = time.monotonic() - t0
         hb1, ev1 = db_totals(url)
         s1 = json.loads(status.read_text())
-        sim.send_signal(signal.SIGTERM)
-        sim.wait(120)
         hbs, evs = hb1 - hb0, ev1 - ev0
+        net_nodes = max(0.0, cpu["nodes"] - idle * elapsed)
         return {
             "nodes": nodes_n,
             "mode": mode,
@@ -248,89 +251,91 @@ def run_config(
             "heartbeatsPerSecond": hbs / elapsed,
             "eventsPerSecond": evs / elapsed,
             "perNodeHeartbeatsPerSecond": hbs / elapsed / nodes_n,
+            "perNodeEventsPerSecond": evs / elapsed / nodes_n,
             "cpuSeconds": cpu,
+            "nodeIdleCpuPerSecond": idle,
             "nodeCpuMsPerHeartbeat": 1000 * cpu["nodes"] / max(1, hbs),
+            "nodeNetCpuMsPerHeartbeat": 1000 * net_nodes / max(1, hbs),
             "postgresCpuMsPerHeartbeat": 1000 * cpu["postgres"] / max(1, hbs),
             "simulatorCpuMsPerHeartbeat": 1000 * cpu["simulator"] / max(1, hbs),
-            "heartbeatsPerNodeCpuSecond": hbs / max(0.001, cpu["nodes"]),
+            "heartbeatsPerNodeCpuSecond": hbs / max(0.001, net_nodes),
             "p50Ms": 1000 * s1["p50Seconds"],
             "p99Ms": 1000 * s1["p99Seconds"],
             "errors": s1["errors"] - s0["errors"],
+            "resumedSessions": s1.get("resumedSessions", 0) - s0.get("resumedSessions", 0),
+            "loadAverage": os.getloadavg()[0],
         }
     finally:
+        if sim is not None and sim.poll() is None:
+            sim.send_signal(signal.SIGTERM)
+            sim.wait(120)
         for n in nodes:
             n.stop()
 
 
-def storm(server: Server, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def storm(
+    url: str, args: argparse.Namespace, work: Path, pool: Path, tok: dict[str, Any]
+) -> dict[str, Any]:
     """N agents on 2 nodes (node list); one node is killed; time until every agent heartbeated
     on the other (database timestamps)."""
-    url = server.create_database("agents_storm")
     nodes = [
         Node(f"s{i}", f"127.0.9.{20 + i}", url, {}, work / f"storm-s{i}.log") for i in range(2)
     ]
     for n in nodes:
         n.start()
+    sim: subprocess.Popen[bytes] | None = None
     try:
         interval = args.storm_interval
-        api(
-            nodes[0],
-            "PATCH",
-            "/api/settings",
-            {"agentHeartbeatIntervalSeconds": interval, "agentMissedHeartbeatsOffline": 0},
-        )
-        tok = api(nodes[0], "POST", "/api/agents/tokens", {"maxUses": args.storm})
-        state = work / "storm-sim"
-        state.mkdir()
-        status = state / "status.json"
+        status = work / "storm-status.json"
         sim = simulate(
             [n.manager for n in nodes],
             args.storm,
             interval,
             10**6,
-            state,
+            pool,
             tok["token"],
             tok["caPin"],
             status,
         )
-        while True:
-            try:
-                s = json.loads(status.read_text())
-                if s.get("perAgent") and all(a["ok"] >= 2 for a in s["perAgent"]):
-                    break
-            except (OSError, ValueError):
-                pass
-            time.sleep(1)
+        wait_all_answered(status, 2, sim)
         with psycopg.connect(url) as c:
             kill_at = c.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
             on_victim = c.execute(
                 "SELECT count(*) FROM agents a JOIN nodes n ON n.id = a.last_node "
-                "WHERE n.name = 's1'"
+                "WHERE n.name = 's1' AND a.last_heartbeat > now() - make_interval(secs => %s)",
+                (interval * 2,),
             ).fetchone()[0]  # type: ignore[index]
         nodes[1].kill()
         t0 = time.monotonic()
         while True:
             with psycopg.connect(url) as c:
                 left = c.execute(
-                    "SELECT count(*) FROM agents WHERE last_heartbeat <= %s", (kill_at,)
+                    "SELECT count(*) FROM agents WHERE last_heartbeat <= %s "
+                    "AND last_heartbeat > %s - make_interval(secs => %s)",
+                    (kill_at, kill_at, interval * 2),
                 ).fetchone()[0]  # type: ignore[index]
-            if left == 0 or time.monotonic() - t0 > 600:
+            if left == 0 or time.monotonic() - t0 > 900:
                 break
             time.sleep(0.5)
         with psycopg.connect(url) as c:
             took = c.execute(
-                "SELECT extract(epoch FROM max(last_heartbeat) - %s) FROM agents", (kill_at,)
+                "SELECT extract(epoch FROM max(first) - %s) FROM (SELECT agent_id, "
+                "min(received_at) AS first FROM agent_events WHERE received_at > %s "
+                "GROUP BY agent_id) f",
+                (kill_at, kill_at),
             ).fetchone()[0]  # type: ignore[index]
-        sim.send_signal(signal.SIGTERM)
-        sim.wait(120)
         return {
             "agents": args.storm,
             "interval": interval,
             "agentsOnKilledNode": on_victim,
-            "rehomedAllWithinSeconds": float(took),
-            "left": left,
+            "allRehomedAfterSeconds": float(took),
+            "notRehomed": left,
+            "loadAverage": os.getloadavg()[0],
         }
     finally:
+        if sim is not None and sim.poll() is None:
+            sim.send_signal(signal.SIGTERM)
+            sim.wait(120)
         for n in nodes:
             n.stop()
 
@@ -345,19 +350,42 @@ def main() -> int:
     p.add_argument("--nodes", default="1,3")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dsm-bench-agents-"))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # finally blocks stop the children
     server = Server.start()
     results: list[dict[str, Any]] = []
+    storm_result = None
     try:
+        # One database for every configuration: identities are activated once (by the first
+        # run) and reused, and history accumulates as it would in a real cluster.
+        url = server.create_database("agents")
+        boot = Node("n0", "127.0.9.1", url, {}, work / "boot.log")
+        boot.start()
+        api(
+            boot,
+            "PATCH",
+            "/api/settings",
+            {
+                "agentHeartbeatIntervalSeconds": max(1.0, args.interval),
+                "agentMissedHeartbeatsOffline": 0,
+            },
+        )
+        tok = api(boot, "POST", "/api/agents/tokens", {"maxUses": max(args.agents, args.storm)})
+        boot.stop()
+        pool = work / "identities"
+        pool.mkdir()
         for n in [int(x) for x in args.nodes.split(",")]:
             for mode in ("group-commit", "one-tx"):
                 say(
                     f"{n} node(s), {mode}: {args.agents} agents every {args.interval} s, "
                     "10 events each"
                 )
-                r = run_config(server, n, mode, args, work)
+                r = run_config(server, url, n, mode, args, work, pool, tok)
                 say(json.dumps({k: v for k, v in r.items() if k != "cpuSeconds"}))
                 results.append(r)
-        storm_result = storm(server, args, work) if args.storm else None
+        if args.storm:
+            say(f"storm: {args.storm} agents on 2 nodes, one killed")
+            storm_result = storm(url, args, work, pool, tok)
+            say(json.dumps(storm_result))
     finally:
         server.stop()
     rows = [

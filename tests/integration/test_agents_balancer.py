@@ -97,8 +97,11 @@ def test_a_thousand_agents_through_haproxy_spread_and_rehome_after_sigkill(
             victim = nodes[2]
             (kill_at,) = query(url, "SELECT now()")[0]
             failed_before = {a["agentId"]: a["failed"] for a in sim.status()["perAgent"]}
-            ok_before = {a["agentId"]: a["ok"] for a in sim.status()["perAgent"]}
             victim.kill()
+            # the next round counts from a status written after the kill
+            written = sim.status()["elapsedSeconds"]
+            wait_until(lambda: sim.status()["elapsedSeconds"] > written + 1, 60, "a fresh status")
+            ok_before = {a["agentId"]: a["ok"] for a in sim.status()["perAgent"]}
 
             def next_round_done() -> bool:
                 s = sim.status()

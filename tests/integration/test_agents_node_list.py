@@ -112,4 +112,7 @@ def test_node_list_join_decommission_and_total_outage(dsm_cluster: Cluster, tmp_
         assert seqs == list(range(1, len(seqs) + 1)), f"agent {x['agentId']}: a gap"
         assert len(seqs) == x["acked"], x
     assert lost == 0 and duplicated == 0, (lost, duplicated)
+    # agents offer their TLS session again; resumed connections still carry the agent's
+    # certificate (the node accepted these heartbeats, which it does only for a named agent)
+    assert final["resumedSessions"] > 0
     assert sum(len(v) for v in stored.values()) >= AGENTS * 10

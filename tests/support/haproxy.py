@@ -63,8 +63,10 @@ backend nodes
         self.port = self.port or free_port(self.address)
         cfg = self.directory / "haproxy.cfg"
         cfg.write_text(self.config())
-        log = open(self.directory / "haproxy.log", "ab")  # noqa: SIM115 (the child keeps it)
-        self.proc = subprocess.Popen([binary(), "-db", "-f", str(cfg)], stdout=log, stderr=log)
+        with open(self.directory / "haproxy.log", "ab") as log:  # the child keeps its own
+            self.proc = subprocess.Popen(
+                [binary(), "-db", "-f", str(cfg)], stdout=log, stderr=subprocess.STDOUT
+            )
         deadline = time.monotonic() + 30
         while True:
             if self.proc.poll() is not None:

@@ -49,6 +49,8 @@ class Unreachable(Exception):
 class Reply:
     status: int
     body: bytes
+    session: ssl.SSLSession | None = None
+    resumed: bool = False
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -64,27 +66,78 @@ async def exchange(
     method: str,
     path: str,
     body: bytes = b"",
+    session: ssl.SSLSession | None = None,
 ) -> Reply:
     """One request on a new TLS connection. Raises Unreachable for anything that means "try
-    another manager": connection or handshake failures, timeouts, a truncated answer."""
+    another manager": connection or handshake failures, timeouts, a truncated answer.
+
+    TLS runs over memory buffers here (``ssl.SSLObject``) rather than asyncio's TLS transport,
+    because only this way can a connection offer a saved TLS session: a manager that issued it
+    resumes the session (no certificate signatures or verification, about half of a handshake's
+    cost on both sides) and still sees this agent's certificate, which the session carries.
+    ``Reply.session`` is the session to offer the same manager next time."""
     try:
         async with asyncio.timeout(CONNECT_TIMEOUT):
-            reader, writer = await asyncio.open_connection(
-                address, port, ssl=context, server_hostname=None if _is_ip(address) else address
-            )
+            reader, writer = await asyncio.open_connection(address, port)
+    except (OSError, TimeoutError) as e:
+        raise Unreachable(f"{address}:{port}: {type(e).__name__}: {e}") from None
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(
+        incoming,
+        outgoing,
+        server_hostname=None if _is_ip(address) else address,
+        session=session if session is not None else None,
+    )
+
+    async def flush() -> None:
+        data = outgoing.read()
+        if data:
+            writer.write(data)
+            await writer.drain()
+
+    async def fill() -> bool:
+        data = await reader.read(65536)
+        if not data:
+            incoming.write_eof()
+            return False
+        incoming.write(data)
+        return True
+
+    head = f"{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n"
+    if method == "POST":
+        head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    chunks: list[bytes] = []
+    try:
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            while True:
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    await flush()
+                    if not await fill():
+                        raise ConnectionResetError("closed during the TLS handshake") from None
+        tls.write(head.encode() + b"\r\n" + body)
+        await flush()
+        async with asyncio.timeout(ANSWER_TIMEOUT):
+            while True:
+                try:
+                    chunk = tls.read(65536)
+                except ssl.SSLWantReadError:
+                    await flush()
+                    if not await fill():
+                        break
+                    continue
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    break
+                if not chunk:
+                    break
+                chunks.append(chunk)
     except (OSError, ssl.SSLError, TimeoutError) as e:
         raise Unreachable(f"{address}:{port}: {type(e).__name__}: {e}") from None
-    try:
-        head = f"{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n"
-        if method == "POST":
-            head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-        writer.write(head.encode() + b"\r\n" + body)
-        async with asyncio.timeout(ANSWER_TIMEOUT):
-            raw = await reader.read(-1)
-    except (OSError, ssl.SSLError, TimeoutError) as e:
-        raise Unreachable(f"{address}:{port}: no answer ({type(e).__name__})") from None
     finally:
         writer.close()
+    raw = b"".join(chunks)
     head_end = raw.find(b"\r\n\r\n")
     if head_end < 0:
         raise Unreachable(f"{address}:{port}: no answer")
@@ -93,7 +146,7 @@ async def exchange(
         status = int(status_line[1])
     except (IndexError, ValueError):
         raise Unreachable(f"{address}:{port}: not an HTTP answer") from None
-    return Reply(status, raw[head_end + 4 :])
+    return Reply(status, raw[head_end + 4 :], tls.session, tls.session_reused)
 
 
 def _is_ip(address: str) -> bool:
@@ -395,6 +448,9 @@ class Agent:
         self.clock_offset = clock_offset
         self.status = "ok"
         self.counters: dict[str, int] = {"heartbeats": 0}
+        # TLS sessions by manager address, offered again next time (see exchange)
+        self.sessions: dict[tuple[str, int], ssl.SSLSession] = {}
+        self.resumed = 0
 
     def next_delay(self) -> float:
         return self.state.interval * self.rng.uniform(1 - JITTER, 1 + JITTER)
@@ -427,11 +483,21 @@ class Agent:
             body, sent = self.body()
             try:
                 reply = await exchange(
-                    address, port, self.context, "POST", protocol.PATH_HEARTBEAT, body
+                    address,
+                    port,
+                    self.context,
+                    "POST",
+                    protocol.PATH_HEARTBEAT,
+                    body,
+                    self.sessions.get((address, port)),
                 )
             except Unreachable as e:
+                self.sessions.pop((address, port), None)
                 failures.append(str(e))
                 continue
+            if reply.session is not None:
+                self.sessions[(address, port)] = reply.session
+            self.resumed += reply.resumed
             if reply.status == 503:
                 failures.append(f"{address}:{port}: 503 {_error_of(reply)}")
                 continue

@@ -364,6 +364,11 @@ class AgentService:
                 "certificate_required",
                 "a heartbeat needs the agent's client certificate from activation",
             )
+        not_after = (request.peercert or {}).get("notAfter")
+        if isinstance(not_after, str) and ssl.cert_time_to_seconds(not_after) < time.time():
+            # a resumed TLS session skips the handshake's validity check: check here
+            HEARTBEATS.labels("refused").inc()
+            raise ProtocolError(403, "certificate_expired", "the agent's certificate has expired")
         hb = protocol.parse_heartbeat(request.body)
         if hb.agent_id != who[0]:
             HEARTBEATS.labels("refused").inc()

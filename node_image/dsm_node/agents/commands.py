@@ -50,7 +50,9 @@ def register(sub: Any, group: Any, client: list[argparse.ArgumentParser], output
     run.add_argument(
         "--events-per-heartbeat", type=int, default=0, help="sample events to record (demos)"
     )
-    run.add_argument("--max-heartbeats", type=int, help="stop after this many (tests)")
+    run.add_argument(
+        "--max-heartbeats", type=int, help="stop after this many answered heartbeats (tests)"
+    )
     run.add_argument("--log-level", default="INFO")
     run.set_defaults(func=_agent_run)
     ev = agent.add_parser("event", help="record an event for the agent to send")

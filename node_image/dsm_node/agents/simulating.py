@@ -201,6 +201,7 @@ async def simulate(
             "failovers": totals.failovers,
             "fatal": totals.fatal,
             "eventsSent": totals.events_sent,
+            "resumedSessions": sum(s.agent.resumed for s in sims),
             "p50Seconds": round(percentile(lat, 0.5), 4),
             "p99Seconds": round(percentile(lat, 0.99), 4),
             "lastError": totals.last_error,
