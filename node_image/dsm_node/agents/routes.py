@@ -128,7 +128,10 @@ async def agent_events(request: web.Request) -> web.Response:
     agent_id = _id(request, "agent id")
     after = inputs.ascii_integer(request.query.get("after", "0"), "after", 0, 2**63 - 1)
     limit = inputs.ascii_integer(request.query.get("limit", "100"), "limit", 1, 10_000)
-    events = await _store(request).events(agent_id, after, limit)
+    store = _store(request)
+    if not await store.list_agents(agent_id=agent_id, limit=1):
+        raise ClientError(404, f"no agent {agent_id}")
+    events = await store.events(agent_id, after, limit)
     return web.json_response({"agentId": agent_id, "events": events})
 
 
