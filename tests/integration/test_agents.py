@@ -4,6 +4,7 @@ list, deactivation, offline detection and clock alerts, the administration API a
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from tests.support.agents import (
     token,
     wait_serving,
 )
-from tests.support.nodes import Cluster, query, wait_until
+from tests.support.nodes import API_KEY, Cluster, query, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -154,6 +155,40 @@ def test_silent_agent_turns_offline_with_an_alert_and_a_deactivated_one_is_refus
     )
     status, body = a.request("GET", "/api/agents/alerts")
     assert status == 200 and [x["type"] for x in body["alerts"]] == ["Agent Offline"]
+    # back, with a clock 100 s ahead: the Offline alert clears, a clock alert is raised
+    r = dsm(
+        "agent",
+        "run",
+        "--state-dir",
+        str(state),
+        "--manager",
+        manager_of(a),
+        "--max-heartbeats",
+        "1",
+        "--clock-offset",
+        "100",
+    )
+    assert r.returncode == 0, r.stderr
+
+    def alerts() -> dict[str, bool]:
+        status, body = a.request("GET", "/api/agents/alerts?all=true")
+        assert status == 200
+        return {x["type"]: x["clearedAt"] is not None for x in body["alerts"]}
+
+    wait_until(
+        lambda: alerts() == {"Agent Offline": True, "Agent Clock Out of Sync": False},
+        120,
+        "the Offline alert cleared and a clock alert raised",
+        lambda: str(alerts()),
+    )
+    (skew,) = query(url, "SELECT clock_skew_seconds FROM agents WHERE id = 1")[0]
+    assert 90 < skew < 110  # against the database's clock
+    # the CLI reads it all
+    cli = ["--server", a.url, "--insecure", "--api-key", API_KEY]
+    r = dsm("agents", "list", *cli)
+    assert r.returncode == 0 and "Online" in r.stdout, r.stdout + r.stderr
+    r = dsm("agents", "events", "1", *cli, "--output", "json")
+    assert r.returncode == 0 and json.loads(r.stdout)["events"][0]["type"] == "agent.started"
     # deactivated: the certificate is revoked on the node at once
     status, body = a.request("POST", "/api/agents/1/deactivate")
     assert status == 200
@@ -168,3 +203,26 @@ def test_silent_agent_turns_offline_with_an_alert_and_a_deactivated_one_is_refus
         "1",
     )
     assert r.returncode == 3 and "deactivated" in r.stderr, r.stderr
+
+
+def test_events_older_than_the_retention_are_pruned(dsm_cluster: Cluster) -> None:
+    url = dsm_cluster.database_url
+    a = start_node(dsm_cluster, "a")
+    query(
+        url,
+        "INSERT INTO agents (id, hostname, cert_serial, cert_not_after, activated_on) "
+        "VALUES (7, 'old', 1, now() + interval '1 day', 'test')",
+    )
+    query(
+        url,
+        "INSERT INTO agent_events (agent_id, seq, type, agent_time, data, received_at) "
+        "SELECT 7, s, 't', 0, '{}', now() - make_interval(days => CASE WHEN s <= 5 THEN 40 "
+        "ELSE 1 END) FROM generate_series(1, 8) s",
+    )
+    status, body = a.request("POST", "/api/jobs", {"type": "prune_agent_events"})
+    assert status == 201, body
+    wait_until(
+        lambda: query(url, "SELECT seq FROM agent_events ORDER BY seq") == [(6,), (7,), (8,)],
+        120,
+        "events older than 30 days pruned",
+    )

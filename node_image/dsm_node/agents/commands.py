@@ -53,6 +53,12 @@ def register(sub: Any, group: Any, client: list[argparse.ArgumentParser], output
     run.add_argument(
         "--max-heartbeats", type=int, help="stop after this many answered heartbeats (tests)"
     )
+    run.add_argument(
+        "--clock-offset",
+        type=float,
+        default=0.0,
+        help="seconds added to the clock this agent reports (tests and demos of clock alerts)",
+    )
     run.add_argument("--log-level", default="INFO")
     run.set_defaults(func=_agent_run)
     ev = agent.add_parser("event", help="record an event for the agent to send")
@@ -141,6 +147,7 @@ def _agent_run(args: argparse.Namespace) -> int:
             args.hostname,
             max(0, args.events_per_heartbeat),
             args.max_heartbeats,
+            args.clock_offset,
         )
     )
 

@@ -58,6 +58,7 @@ async def run(
     hostname: str | None,
     events_per_heartbeat: int,
     max_heartbeats: int | None = None,
+    clock_offset: float = 0.0,
 ) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -96,7 +97,7 @@ async def run(
     context = agent_mod.trust_ca(identity.ca, cert, key)
     journal = DiskJournal(state_dir)
     journal.append("agent.started", {"version": __version__, "pid": os.getpid()})
-    agent = Agent(identity, state, journal, context)
+    agent = Agent(identity, state, journal, context, clock_offset=clock_offset)
     beats = 0
     while not stop.is_set():
         for i in range(events_per_heartbeat):
