@@ -32,6 +32,10 @@ from pydantic import ValidationError
 
 from dsm_node import __version__
 
+# Commands import what they need when they run: `dsm nodes list` or `dsm completion bash` should
+# not pay for the node runtime (SQLAlchemy, aiohttp, the job pool). No cycle hides behind this:
+# `make lint` checks that nothing below the CLI imports it (import-linter).
+
 EXAMPLES = """\
 examples:
   dsm up                                    a local 3-node cluster; Ctrl-C stops it
@@ -253,9 +257,9 @@ def _parser() -> argparse.ArgumentParser:
     stats.set_defaults(func=_jobs_stats)
 
     # agents (issue 11): dsm agent run/event, dsm agents token/list/show/.../simulate
-    from dsm_node.agents import commands as agent_commands
+    from dsm_node import cli_agents
 
-    agent_commands.register(sub, _group, client, output)
+    cli_agents.register(sub, _group, client, output)
 
     comp = sub.add_parser(
         "completion",

@@ -1,5 +1,6 @@
 """Runs one node process: the node on the main thread's event loop, the HTTPS API on its own
-thread (``api.serving``), and signal handling."""
+thread (``api.serving``), the agent protocol on another (``agents.channel``), and signal
+handling."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import signal
 from dsm_node import auth
 from dsm_node.agents.channel import AgentChannel
 from dsm_node.api import serving, tls
+from dsm_node.cluster.lease import Phase
 from dsm_node.config import NodeConfig
 from dsm_node.node import Node, StartupError
 
@@ -58,8 +60,8 @@ async def serve(config: NodeConfig) -> int:
             start.cancel()
             await asyncio.gather(start, return_exceptions=True)
         else:
-            # --- agents (issue 11): the heartbeat port, once the node is online ---
-            if config.heartbeat_port and node.phase == "online":
+            # the agent protocol on the heartbeat port, once the node is online
+            if config.heartbeat_port and node.phase is Phase.ONLINE:
                 agent_channel = AgentChannel(node, config)
                 try:
                     await agent_channel.start()
@@ -73,7 +75,6 @@ async def serve(config: NodeConfig) -> int:
                     agent_channel = None
                     code = 2
                     stop.set()
-            # ---
             await stopped
     if agent_channel is not None:
         await agent_channel.stop()  # agents go elsewhere before the node leaves

@@ -10,8 +10,10 @@ import json
 
 import pytest
 
-from tests.e2e.harness import Manager, query, wait_for
-from tests.e2e.kubelet import MiniKubelet
+from tests.k8s.kubelet import MiniKubelet
+from tests.support.e2e import Manager
+from tests.support.nodes import query
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -24,7 +26,7 @@ def test_agents_get_their_own_passthrough_service_and_both_addresses_reach_the_s
 ) -> None:
     manager.extra_spec = {"agentConnection": "loadBalancer"}
     manager.apply(nodes=1, version="0.1.0")
-    wait_for(
+    wait_until(
         lambda: manager.all_online(1, "0.1.0"),
         300,
         "1 node Online",
@@ -73,7 +75,7 @@ def test_agents_get_their_own_passthrough_service_and_both_addresses_reach_the_s
         got = {k: rows.get(k) for k in wanted}
         return got if got == wanted else None
 
-    wait_for(
+    wait_until(
         written, 300, "both addresses in the cluster settings", lambda: json.dumps(manager.status())
     )
     status = manager.status()

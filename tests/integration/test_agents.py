@@ -18,7 +18,8 @@ from tests.support.agents import (
     token,
     wait_serving,
 )
-from tests.support.nodes import API_KEY, Cluster, query, wait_until
+from tests.support.nodes import API_KEY, Cluster, query
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -29,7 +29,9 @@ from tests.support.agents import (
     wait_serving,
 )
 from tests.support.haproxy import Balancer
-from tests.support.nodes import Cluster, next_address, query, set_settings, wait_until
+from tests.support.loopback import next_address
+from tests.support.nodes import Cluster, query, set_settings
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 AGENTS = 1000

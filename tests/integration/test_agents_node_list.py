@@ -26,7 +26,8 @@ from tests.support.agents import (
     token,
     wait_serving,
 )
-from tests.support.nodes import Cluster, wait_until
+from tests.support.nodes import Cluster
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 AGENTS = 40

@@ -15,16 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dsm_node.embedded_pg import free_port
-from tests.support.nodes import (
-    REPO,
-    Cluster,
-    NodeProcess,
-    next_address,
-    query,
-    set_settings,
-    wait_until,
-)
+from tests.support.loopback import free_port, next_address
+from tests.support.nodes import REPO, Cluster, NodeProcess, query, set_settings
+from tests.support.waiting import wait_until
 
 
 def start_node(
@@ -51,7 +44,9 @@ def start_node(
 
 
 def heartbeat_port(node: NodeProcess) -> int:
-    return int(node.env_extra["DSM_HEARTBEAT_PORT"])
+    port = node.env_extra.get("DSM_HEARTBEAT_PORT")
+    assert port, f"{node.name} serves no agents"
+    return int(port)
 
 
 def manager_of(node: NodeProcess) -> str:

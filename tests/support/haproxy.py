@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dsm_node.embedded_pg import free_port
+from tests.support.loopback import free_port
 
 
 def binary() -> str:

@@ -24,24 +24,24 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import Counter, Histogram
 
-from dsm_node import metrics
+from dsm_node import logs, metrics
 from dsm_node.agents import managers, pki, protocol
 from dsm_node.agents.committing import GroupCommitter
 from dsm_node.agents.protocol import ProtocolError
-from dsm_node.agents.store import Accepted, AgentStore, Pending
-from dsm_node.api.listeners import LogBudget
+from dsm_node.agents.store import Accepted, AgentStore, BatchResult, Pending
+from dsm_node.cluster.lease import Phase
 from dsm_node.db.engine import SessionLimits, create_engine, database_unavailable
+from dsm_node.services import Shared
 
 if TYPE_CHECKING:
     from dsm_node.config import NodeConfig
-    from dsm_node.node import Node
 
 log = logging.getLogger("dsm.agents")
-REFUSALS = LogBudget(log)
+REFUSALS = logs.LogBudget(log)
 MAX_HEAD = 8192
 REFRESH_SECONDS = 1.0
 
@@ -282,6 +282,19 @@ class ChannelProtocol(asyncio.Protocol):
             self._transport.close()
 
 
+class Host(Protocol):
+    """The node as the channel sees it (``node.Node`` is one): its phase, the id its heartbeats
+    and its agents' are recorded under (a rejoin may change it), and its services once joined."""
+
+    @property
+    def phase(self) -> Phase: ...
+
+    @property
+    def node_id(self) -> int | None: ...
+
+    def shared(self) -> Shared | None: ...
+
+
 @dataclass
 class View:
     """What every answer repeats, refreshed each second: the manager list and the config."""
@@ -297,17 +310,25 @@ class AgentService:
 
     def __init__(
         self,
-        node: Node,
+        host: Host,
+        shared: Shared,
         store: AgentStore,
-        committer: GroupCommitter,
         ca: pki.Authority,
+        config: NodeConfig,
     ) -> None:
-        self.node, self.store, self.committer, self.ca = node, store, committer, ca
+        self.host, self.shared, self.store, self.ca = host, shared, store, ca
+        self.committer = GroupCommitter(
+            self.record,
+            max_batch=config.agent_batch_max,
+            max_wait=config.agent_batch_wait_seconds,
+            committers=config.agent_committers,
+        )
+        self.committer.on_batch = _observe_batch
         self.view = self._view([])
         self._ca_pem = ca.certificate_pem.encode()
 
     def _view(self, online: list[tuple[str, int]]) -> View:
-        settings = self.node.cluster_settings
+        settings = self.shared.settings.current()
         config = managers.agent_config(settings)
         return View(
             managers.manager_list(settings, online).document(),
@@ -317,7 +338,7 @@ class AgentService:
         )
 
     async def refresh(self) -> None:
-        threshold = self.node.cluster_settings.offline_threshold_seconds
+        threshold = self.shared.settings.current().offline_threshold_seconds
         self.view = self._view(await self.store.online_heartbeat_addresses(threshold))
 
     async def handle(self, request: Request) -> Answer:
@@ -328,15 +349,24 @@ class AgentService:
         return Answer(200, self._ca_pem, "application/x-pem-file")
 
     def _ready(self) -> int:
-        if self.node.phase != "online":
-            raise ProtocolError(503, "not_ready", f"this node is not serving ({self.node.phase})")
-        return self.node.identity.node_id
+        node_id = self.host.node_id
+        if self.host.phase is not Phase.ONLINE or node_id is None:
+            raise ProtocolError(503, "not_ready", f"this node is not serving ({self.host.phase})")
+        return node_id
+
+    async def record(self, batch: list[Pending]) -> BatchResult:
+        """One group commit, under the node's current registration."""
+        try:
+            node_id = self._ready()
+        except ProtocolError as e:
+            return BatchResult([e] * len(batch), 0)
+        return await self.store.record(batch, node_id)
 
     async def activate(self, request: Request) -> Answer:
         act = protocol.parse_activation(request.body)
         self._ready()
         agent_id, cert = await self.store.activate(
-            act.token, act.hostname, act.csr, self.ca, self.node.config.node_name
+            act.token, act.hostname, act.csr, self.ca, self.shared.node_name
         )
         log.info("agent %d (%s) activated from %s", agent_id, act.hostname, request.peer)
         v = self.view
@@ -435,16 +465,14 @@ class AgentChannel:
     """Serves the agent protocol on the heartbeat port, on its own thread (see the module
     docstring). ``start`` returns once listening, or raises what stopped it (a port in use)."""
 
-    def __init__(self, node: Node, config: NodeConfig) -> None:
-        self.node, self.config = node, config
+    def __init__(self, host: Host, config: NodeConfig) -> None:
+        self.host, self.config = host, config
         self._started: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._thread = threading.Thread(target=self._run, name="dsm-agents", daemon=True)
-        self._node_loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
-        self._node_loop = asyncio.get_running_loop()
         self._thread.start()
         await asyncio.wrap_future(self._started)
 
@@ -462,13 +490,11 @@ class AgentChannel:
             else:
                 log.error("the agent channel stopped: %s", e)
 
-    async def _reload_keyring(self) -> None:
-        assert self._node_loop is not None
-        fut = asyncio.run_coroutine_threadsafe(self.node.reload_keyring(), self._node_loop)
-        await asyncio.wrap_future(fut)
-
     async def _serve(self) -> None:
-        cfg, node = self.config, self.node
+        cfg, host = self.config, self.host
+        shared, node_id = host.shared(), host.node_id
+        if shared is None or node_id is None:
+            raise RuntimeError("the node has not joined the cluster")
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         engine = create_engine(
@@ -487,21 +513,14 @@ class AgentChannel:
         )
         store = AgentStore(engine)
         try:
-            ca = await store.authority(lambda: node.keyring, self._reload_keyring)
+            ca = await store.authority(shared.keys)
             chain, key = pki.node_certificate(
                 ca, cfg.node_name, [cfg.address, cfg.node_name, "localhost"]
             )
             ctx = server_context(ca, chain, key)
-            committer = GroupCommitter(
-                lambda batch: store.record(batch, node.identity.node_id),
-                max_batch=cfg.agent_batch_max,
-                max_wait=cfg.agent_batch_wait_seconds,
-                committers=cfg.agent_committers,
-            )
-            committer.on_batch = _observe_batch
-            service = AgentService(node, store, committer, ca)
+            service = AgentService(host, shared, store, ca, cfg)
             await service.refresh()
-            committer.start()
+            service.committer.start()
             server = await self._loop.create_server(
                 lambda: ChannelProtocol(
                     service.handle,
@@ -519,7 +538,7 @@ class AgentChannel:
             await engine.dispose()
             raise
         try:
-            await store.set_heartbeat_port(node.identity.node_id, cfg.heartbeat_port)
+            await store.set_heartbeat_port(node_id, cfg.heartbeat_port)
             log.info(
                 "serving agents on %s:%d (mutual TLS, agent CA %s)",
                 cfg.bind_address,
@@ -532,10 +551,10 @@ class AgentChannel:
             refresher.cancel()
             server.close()
             try:
-                await store.set_heartbeat_port(node.identity.node_id, None)
+                await store.set_heartbeat_port(node_id, None)
             except Exception as e:
                 log.warning("could not withdraw the heartbeat port: %s", e)
-            await committer.stop()
+            await service.committer.stop()
         finally:
             await engine.dispose()
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from dsm_node.agents.protocol import MAX_EVENTS, fingerprint
-from dsm_node.api.paths import HEARTBEAT_PORT
 from dsm_node.settings_store import ClusterSettings
 
 LOAD_BALANCER_DEFAULT_PORT = 443
@@ -56,4 +55,4 @@ def agent_config(settings: ClusterSettings) -> dict[str, Any]:
     }
 
 
-__all__ = ["HEARTBEAT_PORT", "ManagerList", "agent_config", "manager_list"]
+__all__ = ["ManagerList", "agent_config", "manager_list"]

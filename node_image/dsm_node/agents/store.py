@@ -12,13 +12,13 @@ import datetime as dt
 import hashlib
 import json
 import secrets
-from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from dsm_node import crypto, keys
+from dsm_node import keys
 from dsm_node.agents import pki
 from dsm_node.agents.protocol import Heartbeat, ProtocolError
 from dsm_node.db.queries import Q
@@ -58,6 +58,80 @@ class NewToken:
     expires_at: dt.datetime
 
 
+class AgentStatus(StrEnum):
+    """``agents.status``: activated (no heartbeat yet), online, offline (silent for the
+    configured number of intervals; ``watching``), deactivated (its certificate revoked)."""
+
+    ACTIVATED = "activated"
+    ONLINE = "online"
+    OFFLINE = "offline"
+    DEACTIVATED = "deactivated"
+
+
+class TokenState(StrEnum):
+    USABLE = "usable"
+    USED_UP = "used up"
+    EXPIRED = "expired"
+    REVOKED = "revoked"
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    id: int
+    description: str
+    uses: int
+    max_uses: int
+    expires_at: dt.datetime
+    created_at: dt.datetime
+    created_by: str | None
+    revoked_at: dt.datetime | None
+    state: TokenState
+
+
+@dataclass(frozen=True)
+class AgentRecord:
+    id: int
+    hostname: str
+    status: AgentStatus
+    status_changed_at: dt.datetime
+    activated_at: dt.datetime
+    activated_on: str | None
+    last_heartbeat: dt.datetime | None
+    seconds_since_heartbeat: float | None  # by the database's clock
+    last_node: str | None
+    heartbeats: int
+    acked_seq: int
+    agent_status: str | None  # what the agent reports about itself
+    status_message: str | None
+    agent_version: str | None
+    clock_skew_seconds: float | None
+    config_fingerprint: str | None
+    counters: Any
+    cert_not_after: dt.datetime
+    deactivated_at: dt.datetime | None
+
+
+@dataclass(frozen=True)
+class AgentEvent:
+    seq: int
+    type: str
+    agent_time: dt.datetime  # the agent's clock
+    data: Any
+    received_at: dt.datetime
+    node: str | None  # the node that stored it
+
+
+@dataclass(frozen=True)
+class AgentAlert:
+    id: int
+    type: str
+    agent_id: int
+    hostname: str
+    message: str
+    raised_at: dt.datetime
+    cleared_at: dt.datetime | None
+
+
 def token_hash(secret: str) -> bytes:
     """Tokens are 192 random bits: a plain SHA-256 suffices (no password to stretch)."""
     return hashlib.sha256(secret.encode()).digest()
@@ -78,10 +152,9 @@ class AgentStore:
 
     # -- the CA ----------------------------------------------------------------------------
 
-    async def authority(
-        self, keyring: Callable[[], crypto.Keyring], reload: Callable[[], Any]
-    ) -> pki.Authority:
-        """The cluster's agent CA, created on first use under a lock."""
+    async def authority(self, master: keys.MasterKeys) -> pki.Authority:
+        """The cluster's agent CA, created on first use under a lock. Its private key is stored
+        under the master key (reloaded on this store's engine when a rotation added a version)."""
         async with self.engine.begin() as conn:
             row = (await conn.execute(Q.agent_ca)).first()
             if row is None:
@@ -89,21 +162,18 @@ class AgentStore:
                 row = (await conn.execute(Q.agent_ca)).first()
             if row is None:
                 ca = pki.new_authority()
-                ring = keyring()
                 await conn.execute(
                     Q.insert_agent_ca,
                     {
                         "certificate": ca.certificate_pem,
-                        "private_key": ring.encrypt(pki.key_pem(ca.key), keys.AGENT_CA_KEY_CONTEXT),
-                        "key_version": ring.active,
+                        "private_key": master.encrypt(
+                            pki.key_pem(ca.key), keys.AGENT_CA_KEY_CONTEXT
+                        ),
+                        "key_version": master.active,
                     },
                 )
                 return ca
-        ring = keyring()
-        if crypto.Keyring.version_of(row.private_key) not in ring.keys:
-            await reload()
-            ring = keyring()
-        key = ring.decrypt(row.private_key, keys.AGENT_CA_KEY_CONTEXT)
+        key = await master.decrypt(self.engine, row.private_key, keys.AGENT_CA_KEY_CONTEXT)
         return pki.load_authority(row.certificate, key)
 
     # -- where agents connect ----------------------------------------------------------------
@@ -140,27 +210,27 @@ class AgentStore:
                 await also(conn, int(row.id))
         return NewToken(int(row.id), f"{TOKEN_PREFIX}.{row.id}.{secret}", row.expires_at)
 
-    async def list_tokens(self, limit: int) -> list[dict[str, Any]]:
+    async def list_tokens(self, limit: int) -> list[TokenRecord]:
         async with self.engine.connect() as conn:
             rows = (await conn.execute(Q.list_activation_tokens, {"limit": limit})).all()
         return [
-            {
-                "id": r.id,
-                "description": r.description,
-                "uses": r.uses,
-                "maxUses": r.max_uses,
-                "expiresAt": r.expires_at.isoformat(),
-                "createdAt": r.created_at.isoformat(),
-                "createdBy": r.created_by,
-                "revokedAt": r.revoked_at.isoformat() if r.revoked_at else None,
-                "state": "revoked"
+            TokenRecord(
+                int(r.id),
+                r.description,
+                int(r.uses),
+                int(r.max_uses),
+                r.expires_at,
+                r.created_at,
+                r.created_by,
+                r.revoked_at,
+                TokenState.REVOKED
                 if r.revoked_at
-                else "expired"
+                else TokenState.EXPIRED
                 if r.expired
-                else "used up"
+                else TokenState.USED_UP
                 if r.uses >= r.max_uses
-                else "usable",
-            }
+                else TokenState.USABLE,
+            )
             for r in rows
         ]
 
@@ -280,21 +350,27 @@ class AgentStore:
     # -- reading and deactivating ----------------------------------------------------------
 
     async def list_agents(
-        self, status: str | None = None, agent_id: int | None = None, limit: int = 1000
-    ) -> list[dict[str, Any]]:
+        self, status: AgentStatus | None = None, agent_id: int | None = None, limit: int = 1000
+    ) -> list[AgentRecord]:
         async with self.engine.connect() as conn:
             rows = (
                 await conn.execute(
-                    Q.list_agents, {"status": status, "agent_id": agent_id, "limit": limit}
+                    Q.list_agents,
+                    {
+                        "status": str(status) if status is not None else None,
+                        "agent_id": agent_id,
+                        "limit": limit,
+                    },
                 )
             ).all()
         return [_agent(r) for r in rows]
 
-    async def status_counts(self) -> dict[str, int]:
+    async def status_counts(self) -> dict[AgentStatus, int]:
         async with self.engine.connect() as conn:
-            return {r.status: int(r.n) for r in await conn.execute(Q.agent_status_counts)}
+            rows = await conn.execute(Q.agent_status_counts)
+            return {AgentStatus(r.status): int(r.n) for r in rows}
 
-    async def events(self, agent_id: int, after: int, limit: int) -> list[dict[str, Any]]:
+    async def events(self, agent_id: int, after: int, limit: int) -> list[AgentEvent]:
         async with self.engine.connect() as conn:
             rows = (
                 await conn.execute(
@@ -302,14 +378,14 @@ class AgentStore:
                 )
             ).all()
         return [
-            {
-                "seq": r.seq,
-                "type": r.type,
-                "at": dt.datetime.fromtimestamp(r.agent_time, dt.UTC).isoformat(),
-                "data": r.data,
-                "receivedAt": r.received_at.isoformat(),
-                "node": r.node,
-            }
+            AgentEvent(
+                int(r.seq),
+                r.type,
+                dt.datetime.fromtimestamp(r.agent_time, dt.UTC),
+                r.data,
+                r.received_at,
+                r.node,
+            )
             for r in rows
         ]
 
@@ -322,7 +398,7 @@ class AgentStore:
                 await also(conn)
         return str(row.hostname) if row is not None else None
 
-    async def alerts(self, include_cleared: bool, limit: int) -> list[dict[str, Any]]:
+    async def alerts(self, include_cleared: bool, limit: int) -> list[AgentAlert]:
         async with self.engine.connect() as conn:
             rows = (
                 await conn.execute(
@@ -330,15 +406,9 @@ class AgentStore:
                 )
             ).all()
         return [
-            {
-                "id": r.id,
-                "type": r.type,
-                "agentId": r.agent_id,
-                "hostname": r.hostname,
-                "message": r.message,
-                "raisedAt": r.raised_at.isoformat(),
-                "clearedAt": r.cleared_at.isoformat() if r.cleared_at else None,
-            }
+            AgentAlert(
+                int(r.id), r.type, int(r.agent_id), r.hostname, r.message, r.raised_at, r.cleared_at
+            )
             for r in rows
         ]
 
@@ -360,7 +430,7 @@ def _token_refusal(state: Any, secret: str) -> ProtocolError:
 def _heartbeat_refusal(p: Pending, row: Any) -> ProtocolError:
     if row is None:
         return ProtocolError(403, "unknown_agent", f"no agent {p.agent_id}: activate again")
-    if row.status == "deactivated" or int(row.cert_serial) != p.serial:
+    if row.status == AgentStatus.DEACTIVATED or int(row.cert_serial) != p.serial:
         return ProtocolError(
             403, "deactivated", f"agent {p.agent_id} was deactivated: its certificate is revoked"
         )
@@ -373,36 +443,27 @@ def _heartbeat_refusal(p: Pending, row: Any) -> ProtocolError:
     )
 
 
-def _agent(r: Any) -> dict[str, Any]:
-    return {
-        "id": r.id,
-        "hostname": r.hostname,
-        "status": _status_word(r.status),
-        "statusChangedAt": r.status_changed_at.isoformat(),
-        "activatedAt": r.activated_at.isoformat(),
-        "activatedOn": r.activated_on,
-        "lastHeartbeat": r.last_heartbeat.isoformat() if r.last_heartbeat else None,
-        "secondsSinceHeartbeat": round((r.db_now - r.last_heartbeat).total_seconds(), 3)
+def _agent(r: Any) -> AgentRecord:
+    return AgentRecord(
+        id=int(r.id),
+        hostname=r.hostname,
+        status=AgentStatus(r.status),
+        status_changed_at=r.status_changed_at,
+        activated_at=r.activated_at,
+        activated_on=r.activated_on,
+        last_heartbeat=r.last_heartbeat,
+        seconds_since_heartbeat=round((r.db_now - r.last_heartbeat).total_seconds(), 3)
         if r.last_heartbeat
         else None,
-        "lastNode": r.last_node,
-        "heartbeats": r.heartbeats,
-        "ackedSequence": r.acked_seq,
-        "agentStatus": r.agent_status,
-        "statusMessage": r.status_message,
-        "version": r.agent_version,
-        "clockSkewSeconds": r.clock_skew_seconds,
-        "configFingerprint": r.config_fingerprint,
-        "counters": r.counters,
-        "certificateExpiresAt": r.cert_not_after.isoformat(),
-        "deactivatedAt": r.deactivated_at.isoformat() if r.deactivated_at else None,
-    }
-
-
-def _status_word(status: str) -> str:
-    return {
-        "activated": "Activated",
-        "online": "Online",
-        "offline": "Offline",
-        "deactivated": "Deactivated",
-    }.get(status, status)
+        last_node=r.last_node,
+        heartbeats=int(r.heartbeats),
+        acked_seq=int(r.acked_seq),
+        agent_status=r.agent_status,
+        status_message=r.status_message,
+        agent_version=r.agent_version,
+        clock_skew_seconds=r.clock_skew_seconds,
+        config_fingerprint=r.config_fingerprint,
+        counters=r.counters,
+        cert_not_after=r.cert_not_after,
+        deactivated_at=r.deactivated_at,
+    )

@@ -26,7 +26,7 @@ PRUNE_BATCH = 10_000
 async def agents_watch(ctx: JobContext, payload: Payload) -> None:
     """Marks silent agents Offline and raises or clears agent alerts."""
     assert ctx.conn is not None
-    s = await ctx.services.settings()
+    s = ctx.services.settings.current()
     gone = (
         await ctx.conn.execute(
             Q.mark_silent_agents_offline,
@@ -69,7 +69,7 @@ async def agents_watch(ctx: JobContext, payload: Payload) -> None:
 async def prune_agent_events(ctx: JobContext, payload: Payload) -> None:
     """Deletes agent events and cleared agent alerts older than the retention, in batches."""
     assert ctx.conn is not None
-    s = await ctx.services.settings()
+    s = ctx.services.settings.current()
     total = 0
     while True:
         r = await ctx.conn.execute(

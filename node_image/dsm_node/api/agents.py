@@ -2,7 +2,7 @@
 activation tokens, agents with their status and events, deactivation, agent alerts.
 
 Agents themselves never talk to this port: their protocol is on the heartbeat port
-(``agents.channel``).
+(``dsm_node.agents.channel``). Statements are in ``dsm_node.agents.store``.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from aiohttp import web
 from pydantic import Field
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from dsm_node import keys, roles
+from dsm_node import roles
 from dsm_node.agents import store as agent_store
-from dsm_node.api import admin, inputs
+from dsm_node.api import admin, inputs, views
 from dsm_node.api.common import ClientError, Model, Route, json_body, parse, principal, ready
 
 API_AGENTS = "/api/agents"
@@ -35,8 +35,7 @@ class NewToken(Model):
 
 
 def _store(request: web.Request) -> agent_store.AgentStore:
-    _, services = ready(request)
-    return agent_store.AgentStore(services.engine)
+    return agent_store.AgentStore(ready(request).engine)
 
 
 def _id(request: web.Request, what: str) -> int:
@@ -44,19 +43,10 @@ def _id(request: web.Request, what: str) -> int:
 
 
 async def create_token(request: web.Request) -> web.Response:
-    node, services = ready(request)
     body = parse(NewToken, await json_body(request))
     inputs.clean_text(body.description, "description")
     store = _store(request)
-
-    async def reload() -> None:
-        assert node.wrapper is not None
-        async with services.engine.connect() as conn:
-            ring = await keys.unlock(conn, node.wrapper)
-        if ring is not None:
-            node.keyring = ring
-
-    ca = await store.authority(lambda: node.keyring, reload)
+    ca = await store.authority(ready(request).keys)
 
     async def record(conn: AsyncConnection, token_id: int) -> None:
         detail = {"maxUses": body.max_uses, "expiresInSeconds": body.expires_in_seconds}
@@ -83,7 +73,8 @@ async def create_token(request: web.Request) -> web.Response:
 
 async def list_tokens(request: web.Request) -> web.Response:
     limit = inputs.ascii_integer(request.query.get("limit", "100"), "limit", 1, 10_000)
-    return web.json_response({"tokens": await _store(request).list_tokens(limit)})
+    tokens = await _store(request).list_tokens(limit)
+    return web.json_response({"tokens": [views.activation_token(t) for t in tokens]})
 
 
 async def revoke_token(request: web.Request) -> web.Response:
@@ -98,20 +89,18 @@ async def revoke_token(request: web.Request) -> web.Response:
 
 
 async def list_agents(request: web.Request) -> web.Response:
-    status = request.query.get("status")
-    if status is not None and status.lower() not in (
-        "activated",
-        "online",
-        "offline",
-        "deactivated",
-    ):
-        raise ClientError(400, "status is one of activated, online, offline, deactivated")
+    word = request.query.get("status")
+    try:
+        status = agent_store.AgentStatus(word.lower()) if word is not None else None
+    except ValueError:
+        known = ", ".join(agent_store.AgentStatus)
+        raise ClientError(400, f"status is one of {known}") from None
     limit = inputs.ascii_integer(request.query.get("limit", "1000"), "limit", 1, 100_000)
     store = _store(request)
     return web.json_response(
         {
-            "counts": await store.status_counts(),
-            "agents": await store.list_agents(status.lower() if status else None, limit=limit),
+            "counts": views.agent_counts(await store.status_counts()),
+            "agents": [views.agent(a) for a in await store.list_agents(status, limit=limit)],
         }
     )
 
@@ -121,7 +110,7 @@ async def get_agent(request: web.Request) -> web.Response:
     found = await _store(request).list_agents(agent_id=agent_id, limit=1)
     if not found:
         raise ClientError(404, f"no agent {agent_id}")
-    return web.json_response(found[0])
+    return web.json_response(views.agent(found[0]))
 
 
 async def agent_events(request: web.Request) -> web.Response:
@@ -132,7 +121,9 @@ async def agent_events(request: web.Request) -> web.Response:
     if not await store.list_agents(agent_id=agent_id, limit=1):
         raise ClientError(404, f"no agent {agent_id}")
     events = await store.events(agent_id, after, limit)
-    return web.json_response({"agentId": agent_id, "events": events})
+    return web.json_response(
+        {"agentId": agent_id, "events": [views.agent_event(e) for e in events]}
+    )
 
 
 async def deactivate(request: web.Request) -> web.Response:
@@ -144,13 +135,20 @@ async def deactivate(request: web.Request) -> web.Response:
     hostname = await _store(request).deactivate(agent_id, also=record)
     if hostname is None:
         raise ClientError(404, f"no active agent {agent_id} (unknown, or already deactivated)")
-    return web.json_response({"id": agent_id, "hostname": hostname, "status": "Deactivated"})
+    return web.json_response(
+        {
+            "id": agent_id,
+            "hostname": hostname,
+            "status": views.agent_status(agent_store.AgentStatus.DEACTIVATED),
+        }
+    )
 
 
 async def agent_alerts(request: web.Request) -> web.Response:
     everything = inputs.flag(request.query.get("all"), "all")
     limit = inputs.ascii_integer(request.query.get("limit", "1000"), "limit", 1, 100_000)
-    return web.json_response({"alerts": await _store(request).alerts(everything, limit)})
+    alerts = await _store(request).alerts(everything, limit)
+    return web.json_response({"alerts": [views.agent_alert(a) for a in alerts]})
 
 
 def _routes() -> list[Route]:
