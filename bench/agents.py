@@ -1,9 +1,12 @@
 """Agent heartbeat benchmark: heartbeats/s and events/s per node with durable commits, a new
 mutual-TLS connection per heartbeat and 10 events each, 1 and 3 real nodes, group commit side by
 side with one transaction per heartbeat, the CPU split (PostgreSQL, nodes, simulator), and a
-reconnect storm. Method and figures: docs/benchmarks.md ("Agent heartbeats").
+reconnect storm. Each configuration runs ``--runs`` times in interleaved rounds (the shared
+machine's noise falls on all alike); the summary gives the median and the range. Method and
+figures: docs/benchmarks.md ("Agent heartbeats").
 
-    .venv/bin/python -m bench.agents [--agents 600] [--interval 2] [--seconds 30] [--storm 2000]
+    .venv/bin/python -m bench.agents [--runs 3] [--agents 600] [--interval 2] [--seconds 30]
+                                     [--storm 10000] [--storm-interval 60]
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 
 import psycopg
 
-from bench.common import CpuMeter, Server, say, table
+from bench.common import CpuMeter, Server, say, summary, table
 from dsm_node.db import migrating  # noqa: F401
 from dsm_node.embedded_pg import free_port
 
@@ -36,6 +39,22 @@ ONE_TX = {
     "DSM_AGENT_COMMITTERS": "16",
     "DSM_AGENT_BATCH_WAIT_SECONDS": "0",
 }
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How the nodes commit and how agents connect."""
+
+    name: str
+    node_env: dict[str, str]
+    full_handshakes: bool  # agents never offer a saved TLS session
+
+
+MODES = [
+    Mode("group-commit", {}, False),
+    Mode("one-tx", ONE_TX, False),
+    Mode("group-commit-full-tls", {}, True),
+]
 
 
 def env() -> dict[str, str]:
@@ -127,6 +146,7 @@ def simulate(
     tok: str,
     pin: str,
     status: Path,
+    full_handshakes: bool = False,
 ) -> subprocess.Popen[bytes]:
     args = [
         sys.executable,
@@ -153,6 +173,8 @@ def simulate(
         "--connections",
         "128",
     ]
+    if full_handshakes:
+        args.append("--full-handshakes")
     for m in managers:
         args += ["--manager", m]
     with open(state / "sim.log", "ab") as log:  # the child keeps its own
@@ -194,7 +216,7 @@ def run_config(
     server: Server,
     url: str,
     nodes_n: int,
-    mode: str,
+    mode: Mode,
     args: argparse.Namespace,
     work: Path,
     pool: Path,
@@ -205,8 +227,8 @@ def run_config(
             f"n{i}",
             f"127.0.9.{i + 1}",
             url,
-            ONE_TX if mode == "one-tx" else {},
-            work / f"{nodes_n}-{mode}-n{i}.log",
+            mode.node_env,
+            work / f"{nodes_n}-{mode.name}-n{i}.log",
         )
         for i in range(nodes_n)
     ]
@@ -216,7 +238,8 @@ def run_config(
     try:
         pids = [n.proc.pid for n in nodes if n.proc]
         idle = idle_cpu_rate(pids)
-        status = work / f"{nodes_n}-{mode}-status.json"
+        status = work / f"{nodes_n}-{mode.name}-status.json"
+        status.unlink(missing_ok=True)
         sim = simulate(
             [n.manager for n in nodes],
             args.agents,
@@ -226,6 +249,7 @@ def run_config(
             tok["token"],
             tok["caPin"],
             status,
+            mode.full_handshakes,
         )
         wait_all_answered(status, 2, sim)  # activation (first run only) and warm-up: not measured
         groups = {"postgres": server.pids(), "nodes": pids, "simulator": [sim.pid]}
@@ -242,7 +266,7 @@ def run_config(
         net_nodes = max(0.0, cpu["nodes"] - idle * elapsed)
         return {
             "nodes": nodes_n,
-            "mode": mode,
+            "mode": mode.name,
             "agents": args.agents,
             "interval": args.interval,
             "seconds": round(elapsed, 1),
@@ -342,11 +366,12 @@ def storm(
 
 def main() -> int:
     p = argparse.ArgumentParser()
+    p.add_argument("--runs", type=int, default=3, help="rounds; every configuration once each")
     p.add_argument("--agents", type=int, default=600)
     p.add_argument("--interval", type=float, default=2.0)
     p.add_argument("--seconds", type=float, default=30.0)
-    p.add_argument("--storm", type=int, default=2000, help="agents in the storm (0 skips)")
-    p.add_argument("--storm-interval", type=float, default=30.0)
+    p.add_argument("--storm", type=int, default=10_000, help="agents in the storm (0 skips)")
+    p.add_argument("--storm-interval", type=float, default=60.0)
     p.add_argument("--nodes", default="1,3")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dsm-bench-agents-"))
@@ -373,55 +398,54 @@ def main() -> int:
         boot.stop()
         pool = work / "identities"
         pool.mkdir()
-        for n in [int(x) for x in args.nodes.split(",")]:
-            for mode in ("group-commit", "one-tx"):
-                say(
-                    f"{n} node(s), {mode}: {args.agents} agents every {args.interval} s, "
-                    "10 events each"
-                )
-                r = run_config(server, url, n, mode, args, work, pool, tok)
-                say(json.dumps({k: v for k, v in r.items() if k != "cpuSeconds"}))
-                results.append(r)
+        for round_ in range(1, args.runs + 1):
+            for n in [int(x) for x in args.nodes.split(",")]:
+                for mode in MODES:
+                    say(
+                        f"round {round_}/{args.runs}: {n} node(s), {mode.name}: {args.agents} "
+                        f"agents every {args.interval} s, 10 events each"
+                    )
+                    r = run_config(server, url, n, mode, args, work, pool, tok)
+                    r["round"] = round_
+                    say(json.dumps({k: v for k, v in r.items() if k != "cpuSeconds"}))
+                    results.append(r)
         if args.storm:
             say(f"storm: {args.storm} agents on 2 nodes, one killed")
             storm_result = storm(url, args, work, pool, tok)
             say(json.dumps(storm_result))
     finally:
         server.stop()
-    rows = [
-        [
-            "nodes",
-            "commit",
-            "heartbeats/s",
-            "per node",
-            "events/s",
-            "node CPU ms/hb",
-            "hb per node-CPU-s",
-            "PG CPU ms/hb",
-            "sim CPU ms/hb",
-            "p50 ms",
-            "p99 ms",
-            "errors",
-        ]
+    columns = [
+        ("heartbeats/s", "heartbeatsPerSecond", "{:.0f}"),
+        ("per node", "perNodeHeartbeatsPerSecond", "{:.0f}"),
+        ("events/s", "eventsPerSecond", "{:,.0f}"),
+        ("node CPU ms/hb", "nodeNetCpuMsPerHeartbeat", "{:.2f}"),
+        ("hb per node-CPU-s", "heartbeatsPerNodeCpuSecond", "{:.0f}"),
+        ("PG CPU ms/hb", "postgresCpuMsPerHeartbeat", "{:.2f}"),
+        ("sim CPU ms/hb", "simulatorCpuMsPerHeartbeat", "{:.2f}"),
+        ("p50 ms", "p50Ms", "{:.0f}"),
+        ("p99 ms", "p99Ms", "{:.0f}"),
+        ("errors", "errors", "{:.0f}"),
     ]
-    for r in results:
-        rows.append(
-            [
-                str(r["nodes"]),
-                r["mode"],
-                f"{r['heartbeatsPerSecond']:.0f}",
-                f"{r['perNodeHeartbeatsPerSecond']:.0f}",
-                f"{r['eventsPerSecond']:,.0f}",
-                f"{r['nodeCpuMsPerHeartbeat']:.2f}",
-                f"{r['heartbeatsPerNodeCpuSecond']:.0f}",
-                f"{r['postgresCpuMsPerHeartbeat']:.2f}",
-                f"{r['simulatorCpuMsPerHeartbeat']:.2f}",
-                f"{r['p50Ms']:.0f}",
-                f"{r['p99Ms']:.0f}",
-                str(r["errors"]),
-            ]
-        )
-    print(table(rows, right=set(range(2, 12))))
+    rows = [["nodes", "mode", "runs"] + [c[0] for c in columns]]
+    summaries: list[dict[str, Any]] = []
+    for n in [int(x) for x in args.nodes.split(",")]:
+        for mode in MODES:
+            mine = [r for r in results if r["nodes"] == n and r["mode"] == mode.name]
+            if not mine:
+                continue
+            stats = {key: summary([float(r[key]) for r in mine]) for _, key, _ in columns}
+            summaries.append({"nodes": n, "mode": mode.name, **stats})
+            row = [str(n), mode.name, str(len(mine))]
+            for _, key, f in columns:
+                st = stats[key]
+                cell = f.format(st["median"])
+                if st["runs"] > 1:
+                    cell += f" ({f.format(st['min'])}-{f.format(st['max'])})"
+                row.append(cell)
+            rows.append(row)
+    print("median (min-max) of the runs; node CPU is net of the nodes' idle CPU")
+    print(table(rows, right=set(range(2, 3 + len(columns)))))
     if storm_result:
         print("storm:", json.dumps(storm_result))
     out = (
@@ -429,7 +453,16 @@ def main() -> int:
     )
     out.parent.mkdir(exist_ok=True)
     out.write_text(
-        json.dumps({"results": results, "storm": storm_result, "args": vars(args)}, indent=2)
+        json.dumps(
+            {
+                "summary": summaries,
+                "results": results,
+                "storm": storm_result,
+                "args": vars(args),
+                "loadAverage": os.getloadavg(),
+            },
+            indent=2,
+        )
     )
     print(f"raw results: {out}")
     return 0

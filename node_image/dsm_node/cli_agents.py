@@ -119,6 +119,11 @@ def register(sub: Any, group: Any, client: list[argparse.ArgumentParser], output
     sim.add_argument("--duration", type=float, help="seconds to run (default: until Ctrl-C)")
     sim.add_argument("--status-file", help="JSON totals and per-agent state, every second")
     sim.add_argument("--connections", type=int, default=256, help="connections at once")
+    sim.add_argument(
+        "--full-handshakes",
+        action="store_true",
+        help="never resume a TLS session: every heartbeat a full handshake (benchmarks)",
+    )
     sim.set_defaults(func=_simulate)
 
 
@@ -332,6 +337,7 @@ def _simulate(args: argparse.Namespace) -> int:
                 args.duration,
                 Path(args.status_file) if args.status_file else None,
                 max(1, args.connections),
+                resume_sessions=not args.full_handshakes,
             )
         )
     except AgentError as e:

@@ -441,6 +441,7 @@ class Agent:
         context: ssl.SSLContext,
         rng: random.Random | None = None,
         clock_offset: float = 0.0,
+        resume_sessions: bool = True,
     ) -> None:
         self.identity, self.state, self.journal = identity, state, journal
         self.context = context
@@ -450,6 +451,7 @@ class Agent:
         self.counters: dict[str, int] = {"heartbeats": 0}
         # TLS sessions by manager address, offered again next time (see exchange)
         self.sessions: dict[tuple[str, int], ssl.SSLSession] = {}
+        self.resume_sessions = resume_sessions  # False: every handshake a full one (benchmarks)
         self.resumed = 0
 
     def next_delay(self) -> float:
@@ -495,7 +497,7 @@ class Agent:
                 self.sessions.pop((address, port), None)
                 failures.append(str(e))
                 continue
-            if reply.session is not None:
+            if reply.session is not None and self.resume_sessions:
                 self.sessions[(address, port)] = reply.session
             self.resumed += reply.resumed
             if reply.status == 503:

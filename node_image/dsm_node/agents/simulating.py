@@ -116,6 +116,7 @@ async def simulate(
     connections: int = 256,
     seed: int | None = None,
     live: bool | None = None,
+    resume_sessions: bool = True,
 ) -> dict[str, Any]:
     live = sys.stderr.isatty() if live is None else live
     last_line = [0.0]
@@ -143,6 +144,7 @@ async def simulate(
             journal,
             agent_mod.trust_ca(ident.ca, cert, key),
             random.Random(rng.random()),
+            resume_sessions=resume_sessions,
         )
         sims.append(Simulated(a, journal))
     totals = Totals()
