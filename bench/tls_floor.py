@@ -1,9 +1,9 @@
 """What TLS alone costs the heartbeat port: mutual-TLS handshakes with the agent CA's certificates
 (ECDSA P-256, TLS 1.3, X25519), both ends in this one process over memory buffers, no network,
 no event loop, no HTTP, no database. Times the server's side of each handshake (its
-``do_handshake`` calls, in CPU time of this thread), full handshakes and resumed ones (a session ticket offered), so the
-agent benchmark's node CPU per heartbeat can be compared with the floor set by OpenSSL
-(docs/benchmarks.md, "What limits the figure").
+``do_handshake`` calls, in CPU time of this thread), full handshakes and resumed ones (a session
+ticket offered), so the agent benchmark's node CPU per heartbeat can be compared with the floor
+set by OpenSSL (docs/benchmarks.md, "What limits the figure").
 
     .venv/bin/python -m bench.tls_floor [--handshakes 2000] [--runs 5]
 """
