@@ -11,6 +11,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,20 @@ def wait_serving(node: NodeProcess, timeout: float = 60) -> None:
             return False
 
     wait_until(up, timeout, f"{node.name} serving agents", node.log_tail)
+
+
+def managers_listed(node: NodeProcess) -> int | None:
+    """How many addresses the node's agents are given now (its ``/metrics``), None before its
+    channel has refreshed the list."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with urllib.request.urlopen(node.url + "/metrics", context=ctx, timeout=30) as r:
+        text = r.read().decode()
+    for line in text.splitlines():
+        if line.startswith("dsm_agent_manager_list_addresses "):
+            return int(float(line.split()[1]))
+    return None
 
 
 def token(node: NodeProcess, uses: int = 1, expires_in: float = 3600) -> tuple[str, str]:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from dsm_node import logs, metrics
 from dsm_node.agents import managers, pki, protocol
@@ -59,6 +59,11 @@ BATCH_SIZE = Histogram(
     "Heartbeats per group-commit transaction",
     registry=metrics.REGISTRY,
     buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000),
+)
+MANAGERS_LISTED = Gauge(
+    "dsm_agent_manager_list_addresses",
+    "Addresses in the manager list this node gives agents (refreshed every second)",
+    registry=metrics.REGISTRY,
 )
 HEARTBEAT_SECONDS = Histogram(
     "dsm_agent_heartbeat_duration_seconds",
@@ -340,6 +345,7 @@ class AgentService:
     async def refresh(self) -> None:
         threshold = self.shared.settings.current().offline_threshold_seconds
         self.view = self._view(await self.store.online_heartbeat_addresses(threshold))
+        MANAGERS_LISTED.set(len(self.view.managers["addresses"]))
 
     async def handle(self, request: Request) -> Answer:
         if request.path == protocol.PATH_HEARTBEAT:
