@@ -26,14 +26,17 @@ KIB = 1024
 
 @dataclass(frozen=True)
 class Route:
-    """One API route and its policy: the least role it needs (None: no credentials at all) and
-    the largest request body it reads (0: it reads none)."""
+    """One route and its policy: the least role it needs (None: no credentials at all), the
+    largest request body it reads (0: it reads none), and its surface: ``"api"`` (JSON,
+    ``Authorization: Bearer``) or ``"console"`` (HTML pages, a session cookie, CSRF-checked
+    forms; ``dsm_node.console.guarding``)."""
 
     method: str
     path: str
     handler: Handler
     role: str | None
     max_body: int = 0
+    surface: str = "api"
 
 
 @dataclass(frozen=True)

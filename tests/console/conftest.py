@@ -1,0 +1,78 @@
+"""Browser tests of the administrator's console: Debian's Chromium, driven by Playwright for
+Python through ``executable_path`` (Playwright's own browser download cannot work here), against
+real node processes on the suite's real PostgreSQL.
+
+``make test`` installs Chromium first (``hack/install-chromium.sh``); without it these tests are
+skipped with one loud reason, and with ``CI=true`` they fail instead. Screenshots of every page
+a test visits are kept under ``test-artifacts/console/`` (``DSM_TEST_ARTIFACTS`` moves it).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
+
+from tests.support.nodes import REPO
+
+CHROMIUM = os.environ.get("DSM_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTIFACTS = Path(os.environ.get("DSM_TEST_ARTIFACTS", REPO / "test-artifacts")) / "console"
+DESKTOP = {"width": 1280, "height": 800}
+PHONE = {"width": 390, "height": 844}
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Browser]:
+    if not Path(CHROMIUM).exists():
+        message = (
+            f"CONSOLE BROWSER TESTS SKIPPED: no Chromium at {CHROMIUM}; `make test` installs it "
+            "(hack/install-chromium.sh), or set DSM_CHROMIUM"
+        )
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def artifacts(request: pytest.FixtureRequest) -> Path:
+    """This test's folder of screenshots."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name)[:120]
+    folder = ARTIFACTS / name
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.png"):
+        old.unlink()
+    return folder
+
+
+@pytest.fixture
+def context(browser: Browser) -> Iterator[BrowserContext]:
+    """A fresh browser profile (no cookies) at desktop width; the nodes' certificate is the
+    cluster's own, so certificate errors are ignored."""
+    ctx = browser.new_context(
+        ignore_https_errors=True, viewport=DESKTOP, locale="en-GB", timezone_id="UTC"
+    )
+    ctx.set_default_timeout(30_000)
+    yield ctx
+    ctx.close()
+
+
+@pytest.fixture
+def page(context: BrowserContext) -> Page:
+    return context.new_page()
