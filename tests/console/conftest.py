@@ -74,5 +74,15 @@ def context(browser: Browser) -> Iterator[BrowserContext]:
 
 
 @pytest.fixture
-def page(context: BrowserContext) -> Page:
-    return context.new_page()
+def page(context: BrowserContext) -> Iterator[Page]:
+    """A tab that fails its test if the browser reports a Content-Security-Policy violation (an
+    inline script or style, an asset from elsewhere) or a script error."""
+    p = context.new_page()
+    problems: list[str] = []
+    p.on(
+        "console",
+        lambda m: problems.append(m.text) if "Content Security Policy" in m.text else None,
+    )
+    p.on("pageerror", lambda e: problems.append(f"script error: {e}"))
+    yield p
+    assert not problems, "the browser reported:\n" + "\n".join(problems)

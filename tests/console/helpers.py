@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 from playwright.sync_api import Locator, Page, expect
 
-from tests.support.nodes import Cluster, NodeProcess, set_settings
+from tests.support.nodes import REPO, Cluster, NodeProcess, set_settings
 
 ADMIN_PASSWORD = "correct horse battery staple"
 AUDITOR_PASSWORD = "auditor password, long enough"
 # a node killed is Offline within a few seconds (the product's default is 3 minutes)
 HEARTBEAT_SECONDS, OFFLINE_SECONDS = 0.5, 4.0
+SCREENSHOTS = REPO / "docs" / "screenshots"
 LONG = 60_000  # ms: the bound for anything that waits on the cluster (a failure, not a measure)
 
 
@@ -46,6 +49,11 @@ def sign_in(page: Page, base: str, username: str = "admin", password: str = ADMI
     expect(page.get_by_role("heading", level=1, name="Manager Nodes")).to_be_visible()
 
 
+def nav(page: Page, name: str) -> Locator:
+    """A link of the main navigation."""
+    return page.get_by_role("navigation", name="Main").get_by_role("link", name=name)
+
+
 def status_cell(page: Page, node: str) -> Locator:
     return page.locator(f'#nodes-table tr[data-node="{node}"] [data-status]')
 
@@ -56,9 +64,14 @@ def served_by(page: Page) -> str:
     return value
 
 
-def shot(page: Page, folder: Path, name: str) -> Path:
+def shot(page: Page, folder: Path, name: str, readme: bool = False) -> Path:
+    """A screenshot of the whole page into the test's artefacts; with ``readme`` and
+    ``DSM_UPDATE_SCREENSHOTS=1`` also into ``docs/screenshots/`` (the README shows those)."""
     path = folder / f"{name}.png"
     page.screenshot(path=path, full_page=True)
+    if readme and os.environ.get("DSM_UPDATE_SCREENSHOTS") == "1":
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, SCREENSHOTS / f"{name}.png")
     return path
 
 
