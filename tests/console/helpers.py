@@ -83,6 +83,4 @@ def csrf_of(page: Page) -> str:
 
 def data(locator: Locator, *names: str) -> list[dict[str, Any]]:
     """The named data attributes of every element the locator finds."""
-    return [
-        {n: el.get_attribute(f"data-{n}") for n in names} for el in locator.element_handles()
-    ]
+    return [{n: el.get_attribute(f"data-{n}") for n in names} for el in locator.element_handles()]

@@ -55,7 +55,7 @@ def balancer(dsm_cluster: Cluster) -> Iterator[tuple[Proxy, list[NodeProcess]]]:
 def test_a_session_made_on_one_node_is_valid_on_another(
     balancer: tuple[Proxy, list[NodeProcess]], page: Page, context: BrowserContext, artifacts: Path
 ) -> None:
-    proxy, (one, two) = balancer
+    proxy, _ = balancer
     base = f"https://{proxy.host}:{proxy.port}"
     proxy.prefer(0)
     page.goto(base + "/manager-nodes")
@@ -161,8 +161,10 @@ def test_each_graph_shows_the_counts_the_api_reports(
     assert one.request("POST", "/api/jobs", {"type": "clear_caches"})[0] == 201
     url = dsm_cluster.database_url
     wait_until(
-        lambda: query(url, "SELECT count(*) FROM jobs WHERE type IN ('noop','sleep','clear_caches')")
-        == [(0,)],
+        lambda: (
+            query(url, "SELECT count(*) FROM jobs WHERE type IN ('noop','sleep','clear_caches')")
+            == [(0,)]
+        ),
         120,
         "the jobs to finish",
     )
@@ -180,9 +182,7 @@ def test_each_graph_shows_the_counts_the_api_reports(
     )
     by_node = stats["byNode"]
     statuses = api_statuses(one)
-    assert {s["node"]: int(s["count"]) for s in shown} == {
-        n: by_node.get(n, 0) for n in statuses
-    }
+    assert {s["node"]: int(s["count"]) for s in shown} == {n: by_node.get(n, 0) for n in statuses}
     assert {s["node"]: s["status"] for s in shown} == statuses
     assert all(by_node.get(n, 0) > 0 for n in statuses)
     shot(page, artifacts, "system-information-map", readme=True)
@@ -406,8 +406,14 @@ def test_usable_on_a_phone_and_by_keyboard_with_strict_headers(
     page.keyboard.press("Enter")
     expect(page.get_by_role("heading", level=1)).to_have_text("Node node-1")
 
-    pages = ["/manager-nodes", "/manager-nodes/node-1", "/system-information", "/alerts",
-             "/audit-log", "/agents"]
+    pages = [
+        "/manager-nodes",
+        "/manager-nodes/node-1",
+        "/system-information",
+        "/alerts",
+        "/audit-log",
+        "/agents",
+    ]
     for path in pages:
         response = page.goto(origin + path)
         assert response is not None and response.status == 200
