@@ -178,7 +178,7 @@ def test_an_auditor_cannot_rotate_the_master_key_through_the_job_pool(setup: Set
 
 
 def test_the_table_covers_every_route_the_node_serves() -> None:
-    served = {(r.method, r.path) for r in ROUTES}
+    served = {(r.method, r.path) for r in ROUTES if r.surface == "api"}  # console: tests/console
     tabled = {(r.method, r.path) for r in TABLE}
     assert served == tabled, (sorted(served - tabled), sorted(tabled - served))
 
