@@ -80,13 +80,15 @@ def _f(x: float) -> str:
     return f"{x:.1f}".rstrip("0").rstrip(".")
 
 
-def _svg(chart_id: str, title: str, desc: str, height: float, body: list[Markup]) -> Markup:
+def _svg(
+    chart_id: str, title: str, desc: str, height: float, body: list[Markup], top: float = 0.0
+) -> Markup:
     head = Markup(
-        '<svg class="chart" id="{id}" viewBox="0 0 {w} {h}" width="{w}" height="{h}" '
+        '<svg class="chart" id="{id}" viewBox="0 {top} {w} {h}" width="{w}" height="{h}" '
         'role="img" aria-labelledby="{id}-title {id}-desc" font-size="{fs}" '
         'preserveAspectRatio="xMinYMin meet">'
         '<title id="{id}-title">{title}</title><desc id="{id}-desc">{desc}</desc>'
-    ).format(id=chart_id, w=WIDTH, h=_f(height), fs=FONT_SIZE, title=title, desc=desc)
+    ).format(id=chart_id, top=_f(top), w=WIDTH, h=_f(height), fs=FONT_SIZE, title=title, desc=desc)
     return head + Markup("").join(body) + Markup("</svg>")
 
 
