@@ -391,7 +391,9 @@ def test_usable_on_a_phone_and_by_keyboard_with_strict_headers(
     page.on("request", lambda r: outside.append(r.url) if not r.url.startswith(origin) else None)
     # keyboard only: sign in, then reach a node's properties
     page.goto(origin + "/")
-    page.keyboard.type("admin")  # the user name field has the focus
+    # the user name field takes the focus by itself (once the browser has rendered the page)
+    expect(page.get_by_label("User name")).to_be_focused()
+    page.keyboard.type("admin")
     page.keyboard.press("Tab")
     page.keyboard.type(ADMIN_PASSWORD)
     page.keyboard.press("Enter")

@@ -129,6 +129,14 @@ def test_network_map_grows_for_many_nodes() -> None:
     root = parse(charts.network_map(many, chart_id="m", title="t"))
     assert float(root.get("height") or 0) == charts.map_height(12) > charts.map_height(8)
     assert len(groups(root, "map-node")) == 12
+    # three nodes (one on top, two below the middle) leave the bottom out of the drawing
+    few = parse(charts.network_map(many[:3], chart_id="m", title="t"))
+    assert float(few.get("height") or 0) < charts.map_height(3)
+    top = float((few.get("viewBox") or "").split()[1])
+    cards = [float(r.get("y") or 0) for g in groups(few, "map-node") for r in g.iter(f"{SVG}rect")][
+        ::3
+    ]
+    assert top <= min(cards) and max(cards) + charts.CARD_H <= top + float(few.get("height") or 0)
 
 
 @pytest.mark.parametrize(

@@ -311,6 +311,7 @@ def network_map(nodes: Sequence[MapNode], *, chart_id: str, title: str) -> Marku
     total = sum(n.jobs for n in nodes)
     links: list[Markup] = []
     cards: list[Markup] = []
+    card_tops: list[float] = []
     for i, n in enumerate(nodes):
         angle = -math.pi / 2 + 2 * math.pi * i / max(1, len(nodes))
         x, y = cx + rx * math.cos(angle), cy + ry * math.sin(angle)
@@ -331,6 +332,7 @@ def network_map(nodes: Sequence[MapNode], *, chart_id: str, title: str) -> Marku
         share = n.jobs / busiest if busiest else 0.0
         percent = round(100 * n.jobs / total) if total else 0
         left, top = x - CARD_W / 2, y - CARD_H / 2
+        card_tops.append(top)
         bar_w = CARD_W - 24
         cards.append(
             Markup(
@@ -389,4 +391,7 @@ def network_map(nodes: Sequence[MapNode], *, chart_id: str, title: str) -> Marku
         " ".join(f"{n.name}: {n.status.text}, {n.jobs} jobs in the last hour." for n in nodes)
         or "No manager nodes."
     )
-    return _svg(chart_id, title, desc, height, body)
+    # draw only the part that holds something (three nodes leave the bottom empty)
+    top = min([cy - 60.0, *card_tops]) - 8
+    bottom = max([cy + 60.0, *(t + CARD_H for t in card_tops)]) + 8
+    return _svg(chart_id, title, desc, bottom - top, body, top)
