@@ -177,14 +177,26 @@ def test_each_graph_shows_the_counts_the_api_reports(
         expect(page.locator("#graph-region")).to_have_attribute("data-graph", graph)
 
     show("map")
-    stats, shown = _stable_stats(
-        one, lambda: data(page.locator("g.map-node"), "node", "status", "count")
+    per_minute_script = """[...document.querySelectorAll('g.map-node')].map(g => [g.dataset.node,
+        g.querySelector('g.sparkline').dataset.counts.split(',').map(Number)])"""
+    stats, (shown, per_minute) = _stable_stats(
+        one,
+        lambda: (
+            data(page.locator("g.map-node"), "node", "status", "count"),
+            page.evaluate(per_minute_script),
+        ),
     )
     by_node = stats["byNode"]
     statuses = api_statuses(one)
     assert {s["node"]: int(s["count"]) for s in shown} == {n: by_node.get(n, 0) for n in statuses}
     assert {s["node"]: s["status"] for s in shown} == statuses
     assert all(by_node.get(n, 0) > 0 for n in statuses)
+    # the activity graph spreads each node's jobs over the minutes of the hour (the test is
+    # far shorter than an hour, so no job has left the window)
+    assert {node: len(series) for node, series in per_minute} == {n: 60 for n in statuses}
+    assert {node: sum(series) for node, series in per_minute} == {
+        n: by_node.get(n, 0) for n in statuses
+    }
     shot(page, artifacts, "system-information-map", readme=True)
 
     show("by-node")

@@ -156,3 +156,45 @@ def test_long_labels_are_cut_with_the_full_text_in_the_title() -> None:
     shown = next(t.text for t in bar.iter(f"{SVG}text") if t.get("class") == "label")
     assert shown is not None and shown.endswith("…") and len(shown) < len(label)
     assert bar.find(f"{SVG}title").text == f"{label}: 3 jobs"  # type: ignore[union-attr]
+
+
+def test_activity_buckets_minutes_by_the_database_clock() -> None:
+    import datetime as dt
+
+    now = dt.datetime(2026, 5, 1, 12, 30, 41, tzinfo=dt.UTC)
+    minute = dt.datetime(2026, 5, 1, 12, 30, tzinfo=dt.UTC)
+    rows = [
+        {"node": "a", "minute": minute, "jobs": 4},  # this minute: the last bucket
+        {"node": "a", "minute": minute - dt.timedelta(minutes=1), "jobs": 2},
+        {"node": "a", "minute": minute - dt.timedelta(minutes=59), "jobs": 1},  # the first
+        {"node": "a", "minute": minute - dt.timedelta(minutes=60), "jobs": 9},  # too old
+        {"node": "b", "minute": minute - dt.timedelta(minutes=3), "jobs": 5},
+    ]
+    series = views.activity(rows, now)
+    assert set(series) == {"a", "b"} and all(len(s) == 60 for s in series.values())
+    assert series["a"][-1] == 4 and series["a"][-2] == 2 and series["a"][0] == 1
+    assert sum(series["a"]) == 7 and series["b"][-4] == 5 and sum(series["b"]) == 5
+
+
+def test_map_activity_graph_compares_nodes_minute_by_minute() -> None:
+    busy = [0] * 58 + [10, 5]
+    quiet = [0] * 59 + [5]
+    root = parse(
+        charts.network_map(
+            [
+                charts.MapNode("a", views.status_view(NodeStatus.ONLINE), 15, busy),
+                charts.MapNode("b", views.status_view(NodeStatus.OFFLINE), 5, quiet),
+            ],
+            chart_id="m",
+            title="t",
+        )
+    )
+    lines = [g for g in root.iter(f"{SVG}g") if g.get("class") == "sparkline"]
+    assert [g.get("data-counts") for g in lines] == [
+        ",".join(map(str, busy)),
+        ",".join(map(str, quiet)),
+    ]
+    heights = [[float(r.get("height") or 0) for r in g.iter(f"{SVG}rect")] for g in lines]
+    # one scale for every node: b's busiest minute (5) is half as tall as a's (10)
+    assert heights[0] == [charts.SPARK_H, charts.SPARK_H / 2]
+    assert heights[1] == [charts.SPARK_H / 2]

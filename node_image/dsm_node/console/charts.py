@@ -51,6 +51,7 @@ class MapNode:
     name: str
     status: StatusView
     jobs: int
+    activity: Sequence[int] = ()  # jobs per minute over the last hour, oldest first
 
 
 def series_colour(index: int) -> str:
@@ -294,11 +295,46 @@ def _text_on(colour: str) -> str:
     return "#000" if luminance > 0.22 else "#fff"
 
 
-CARD_W, CARD_H = 176.0, 74.0
+CARD_W, CARD_H = 176.0, 100.0
+SPARK_H = 22.0
+
+
+def _sparkline(series: Sequence[int], x: float, y: float, width: float, scale: int) -> Markup:
+    """Jobs per minute as thin bars on a baseline, heights relative to ``scale`` (the busiest
+    minute of any node, so that nodes compare); a minute without jobs draws no bar."""
+    if not series:
+        return Markup("")
+    step = width / len(series)
+    bars = [
+        Markup(
+            '<rect x="{x}" y="{y}" width="{w}" height="{h}" fill="{c}"><title>{n} jobs, {ago}'
+            "</title></rect>"
+        ).format(
+            x=_f(x + i * step),
+            y=_f(y + SPARK_H - max(1.0, SPARK_H * n / scale)),
+            w=_f(max(1.0, step - 0.6)),
+            h=_f(max(1.0, SPARK_H * n / scale)),
+            c=BAR_COLOUR,
+            n=n,
+            ago=f"{len(series) - 1 - i} min ago" if i < len(series) - 1 else "this minute",
+        )
+        for i, n in enumerate(series)
+        if n and scale
+    ]
+    return (
+        Markup('<g class="sparkline" data-minutes="{m}" data-counts="{c}">').format(
+            m=len(series), c=",".join(map(str, series))
+        )
+        + Markup('<line x1="{x}" x2="{x2}" y1="{y}" y2="{y}" stroke="#cbd5e1"/>').format(
+            x=_f(x), x2=_f(x + width), y=_f(y + SPARK_H + 0.5)
+        )
+        + Markup("").join(bars)
+        + Markup("</g>")
+    )
 
 
 def map_height(count: int) -> float:
-    return 380.0 + 44.0 * max(0, count - 8)
+    return 420.0 + 56.0 * max(0, count - 8)
 
 
 def network_map(nodes: Sequence[MapNode], *, chart_id: str, title: str) -> Markup:
@@ -308,6 +344,7 @@ def network_map(nodes: Sequence[MapNode], *, chart_id: str, title: str) -> Marku
     cx, cy = WIDTH / 2, height / 2
     rx, ry = WIDTH / 2 - CARD_W / 2 - 8, height / 2 - CARD_H / 2 - 8
     busiest = max((n.jobs for n in nodes), default=0)
+    busiest_minute = max((m for n in nodes for m in n.activity), default=0)
     total = sum(n.jobs for n in nodes)
     links: list[Markup] = []
     cards: list[Markup] = []
@@ -346,9 +383,10 @@ def network_map(nodes: Sequence[MapNode], *, chart_id: str, title: str) -> Marku
                 '<path d="{icon}" fill="none" stroke="#fff" stroke-width="2" '
                 'stroke-linecap="round" stroke-linejoin="round"/></g>'
                 '<text x="{sx}" y="{sy}" fill="{c}" font-size="12">{status}</text>'
-                '<rect class="activity-track" x="{tx}" y="{by}" width="{bw}" height="6" rx="3" '
+                "{spark}"
+                '<rect class="activity-track" x="{tx}" y="{by}" width="{bw}" height="5" rx="2.5" '
                 'fill="#e5e7eb"/>'
-                '<rect class="activity" x="{tx}" y="{by}" width="{aw}" height="6" rx="3" '
+                '<rect class="activity" x="{tx}" y="{by}" width="{aw}" height="5" rx="2.5" '
                 'fill="{bar}"/>'
                 '<text x="{tx}" y="{jy}" fill="#374151" font-size="11">{jobs} jobs · {pct}%</text>'
                 "</g>"
@@ -370,11 +408,12 @@ def network_map(nodes: Sequence[MapNode], *, chart_id: str, title: str) -> Marku
                 icon=ICON_PATHS[n.status.icon],
                 sx=_f(left + 33),
                 sy=_f(top + 38),
-                by=_f(top + 47),
+                spark=_sparkline(n.activity, left + 12, top + 46, bar_w, busiest_minute),
+                by=_f(top + 73),
                 bw=_f(bar_w),
                 aw=_f(bar_w * share),
                 bar=BAR_COLOUR,
-                jy=_f(top + 66),
+                jy=_f(top + 91),
             )
         )
     hub = Markup(

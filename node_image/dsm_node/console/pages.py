@@ -358,8 +358,17 @@ async def system_information(request: web.Request) -> web.Response:
     label_columns = 1
     if graph == "map":
         statuses = {n.name: views.status_view(n.status) for n in nodes}
+        minutes = await reading.activity(services)
         chart = charts.network_map(
-            [charts.MapNode(n.name, statuses[n.name], by_node.get(n.name, 0)) for n in nodes],
+            [
+                charts.MapNode(
+                    n.name,
+                    statuses[n.name],
+                    by_node.get(n.name, 0),
+                    minutes.get(n.name, [0] * views.ACTIVITY_MINUTES),
+                )
+                for n in nodes
+            ],
             chart_id=chart_id,
             title=title,
         )

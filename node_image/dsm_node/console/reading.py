@@ -24,6 +24,20 @@ async def job_counts(
     return views.job_counts(await services.pool.stats(window_seconds), window_seconds)
 
 
+async def activity(
+    services: Services, window_seconds: int = views.WINDOW_SECONDS
+) -> dict[str, list[int]]:
+    """Jobs per node per minute over the window, oldest first (``views.activity``)."""
+    async with services.engine.connect() as conn:
+        now: dt.datetime = (await conn.execute(Q.db_clock)).one().db_now
+        rows = (await conn.execute(Q.job_activity_by_minute, {"window": window_seconds})).all()
+    return views.activity(
+        [{"node": r.node or f"node-{r.node_id}", "minute": r.minute, "jobs": r.jobs} for r in rows],
+        now,
+        window_seconds // 60,
+    )
+
+
 async def alerts(services: Services, include_cleared: bool) -> list[views.AlertRow]:
     async with services.engine.connect() as conn:
         rows = (await conn.execute(Q.list_alerts, {"include_cleared": include_cleared})).all()

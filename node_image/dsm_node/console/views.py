@@ -237,6 +237,25 @@ def chart_nodes(nodes: Sequence[NodeInfo], counts: JobCounts) -> list[str]:
     return names + extra
 
 
+ACTIVITY_MINUTES = 60
+
+
+def activity(
+    rows: Iterable[Mapping[str, Any]], now: dt.datetime, minutes: int = ACTIVITY_MINUTES
+) -> dict[str, list[int]]:
+    """Jobs per node per minute over the last ``minutes`` minutes, oldest first; the last bucket
+    is the minute ``now`` is in (the database's clock). Rows: node, minute, jobs."""
+    this_minute = now.replace(second=0, microsecond=0)
+    out: dict[str, list[int]] = {}
+    for r in rows:
+        minute: dt.datetime = r["minute"]
+        back = int((this_minute - minute).total_seconds() // 60)
+        if 0 <= back < minutes:
+            series = out.setdefault(str(r["node"]), [0] * minutes)
+            series[minutes - 1 - back] += int(r["jobs"])
+    return out
+
+
 # -- System Information -----------------------------------------------------------------------
 
 GRAPHS = {
