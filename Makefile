@@ -12,7 +12,7 @@ CHAOS_SEED   ?= 20261201
 help:
 	@echo "make up      run a local 3-node cluster on an embedded PostgreSQL (Ctrl-C stops it)"
 	@echo "make test    install everything needed and run the whole test suite"
-	@echo "make lint    ruff and mypy"
+	@echo "make lint    ruff, mypy and the import layers (lint-imports)"
 	@echo "make bench   job-pool throughput against pgqueuer and procrastinate"
 	@echo "make chaos   seeded fault injection, long form (CHAOS_FAULTS=60 CHAOS_SEED=...): prints a report"
 	@echo "make images  build the node and operator images (podman or Docker; no registry needed)"
@@ -57,6 +57,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 up: deps
 	$(VENV)/bin/dsm up

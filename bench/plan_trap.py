@@ -2,13 +2,16 @@
 
     python -m bench.plan_trap [--ready N]
 
-FIELD-NOTES section 2 warns about a queue table whose statistics were taken while it was empty.
-This reproduces it for our claim statement: the ``jobs`` table gets history (jobs enqueued and
-deleted), is ``VACUUM ANALYZE``d while empty (as autovacuum would after a quiet period), then
-receives N ready jobs through ``JobPool.enqueue`` in batches of 1,000 (autoanalyze runs at most
-once a minute, so the statistics stay those of the empty table). It then times 50 claims of 100
-through ``JobPool.claim`` and prints the claim's plan. With the planner free to choose, it picks a
-bitmap scan that sorts the whole ready set on every claim instead of walking ``jobs_ready_idx``.
+A known trap of Postgres-backed queues: with prepared statements, a queue table whose statistics
+were taken while it was empty (or freshly created) gets a cached plan that scans the whole table
+instead of the index, and throughput was seen to jump between about 1,000 and 14,000 jobs/s
+depending on when statistics refreshed. This reproduces it for our claim statement: the ``jobs``
+table gets history (jobs enqueued and deleted), is ``VACUUM ANALYZE``d while empty (as autovacuum
+would after a quiet period), then receives N ready jobs through ``JobPool.enqueue`` in batches of
+1,000 (autoanalyze runs at most once a minute, so the statistics stay those of the empty table).
+It then times 50 claims of 100 through ``JobPool.claim`` and prints the claim's plan. With the
+planner free to choose, it picks a bitmap scan that sorts the whole ready set on every claim
+instead of walking ``jobs_ready_idx``.
 
 To measure another version of the node code, put its ``node_image`` first on ``PYTHONPATH``.
 """

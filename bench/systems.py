@@ -4,8 +4,9 @@ Each system has its own database on the shared server, consumers that run in the
 (our nodes; one child process for each peer), and three operations the benchmark times:
 
 * ``insert_backlog(n)``: one transaction that stores ``n`` no-op jobs through the system's own
-  enqueue path, runs ``ANALYZE`` on the queue table (so that every planner sees the backlog, see
-  FIELD-NOTES section 2) and commits. Consumers see the whole backlog at the commit.
+  enqueue path, runs ``ANALYZE`` on the queue table (so that every planner sees the backlog: a
+  plan made from an empty table's statistics scans the whole table, see bench/plan_trap.py) and
+  commits. Consumers see the whole backlog at the commit.
 * ``enqueue(n)``: ``PRODUCERS`` concurrent producers, each with its own connection, storing jobs in
   batches of ``ENQUEUE_BATCH`` (one transaction per batch) through the system's public API.
 * ``pending(lo, hi)``: whether any job with an id in [lo, hi] is still waiting or running (an
@@ -15,13 +16,10 @@ Each system has its own database on the shared server, consumers that run in the
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import ssl
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,13 +27,13 @@ from typing import Any, Protocol
 import psycopg
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
+from tests.support.nodes import NodeProcess
 
 from bench.common import memory_kib
 from bench.peers import PGQ_ENTRYPOINT, PROCRASTINATE_QUEUE, procrastinate_app
 from dsm_node import __version__
 from dsm_node.db import migrating
 from dsm_node.db.engine import create_engine
-from dsm_node.embedded_pg import free_port
 from dsm_node.jobs import builtin  # noqa: F401  (registers noop and sleep)
 from dsm_node.jobs.pool import JobPool, NewJob
 
@@ -75,82 +73,50 @@ def _split(n: int, parts: int, batch: int) -> list[list[int]]:
 
 @dataclass
 class NodeProc:
-    """One ``python -m dsm_node node run`` on its own loopback address."""
+    """One ``python -m dsm_node node run`` on its own loopback address: the test kit's node
+    launcher (tests/support/nodes.py) with the benchmark's settings (warnings only in the log, no
+    test job types, no bootstrap API key)."""
 
     name: str
     address: str
     database_url: str
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
-    port: int = 0
-    proc: subprocess.Popen[bytes] | None = None
+    node: NodeProcess = field(init=False)
     idle_memory: dict[str, int] = field(default_factory=dict)
 
-    def launch(self) -> None:
-        self.port = free_port(self.address)
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-            "DSM_DATABASE_URL": self.database_url,
-            "DSM_NODE_NAME": self.name,
-            "DSM_BIND_ADDRESS": self.address,
-            "DSM_API_PORT": str(self.port),
-            "DSM_HEARTBEAT_PORT": "0",
-            "DSM_SHUTDOWN_GRACE_SECONDS": "5",
+    def __post_init__(self) -> None:
+        settings: dict[str, str | None] = {
             "DSM_LOG_LEVEL": "WARNING",
             "DSM_LOCAL_SECRET": "bench-local-secret-not-for-production",
+            "DSM_JOB_MODULES": None,
+            "DSM_BOOTSTRAP_API_KEY": None,
             **self.env,
         }
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dsm_node", "node", "run"],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=REPO,
-            )
+        self.node = NodeProcess(
+            self.name, self.database_url, self.log_path, settings, address=self.address
+        )
+
+    def launch(self) -> None:
+        self.node.start()
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        return self.node.proc
 
     @property
     def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def _ready(self) -> bool:
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        try:
-            url = f"https://{self.address}:{self.port}/readyz"
-            with urllib.request.urlopen(url, context=ctx, timeout=2) as r:
-                return bool(r.status == 200)
-        except OSError:
-            return False
+        return self.node.pid
 
     async def wait_ready(self, within_s: float = 60.0) -> None:
-        deadline = time.monotonic() + within_s
-        while not await asyncio.to_thread(self._ready):
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                tail = self.log_path.read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"node {self.name} exited with {self.proc.returncode}:\n{tail}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"node {self.name} not ready after {within_s} s")
-            await asyncio.sleep(0.1)
+        await asyncio.to_thread(self.node.wait_ready, within_s)
 
     async def stop(self, within_s: float = 30.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + within_s
-        while self.proc.poll() is None:
-            if time.monotonic() > deadline:
-                self.proc.kill()
-            await asyncio.sleep(0.05)
+        if self.node.child is not None:
+            await asyncio.to_thread(self.node.child.stop, within_s)
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        self.node.kill()
 
 
 async def migrate(url: str) -> None:
@@ -264,7 +230,8 @@ class Dsm:
         return bool(row and row[0])
 
     async def explain_claim(self) -> str:
-        """The claim statement's plan with a backlog present (FIELD-NOTES: check it)."""
+        """The claim statement's plan with a backlog present (a queue's claim plan must be checked
+        with EXPLAIN: it decides whether a claim walks the ready index or the whole table)."""
         from dsm_node.db.queries import Q
 
         assert self.engine is not None

@@ -177,7 +177,7 @@ for b in "${missing[@]}"; do
                 -ldflags "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v}" \
                 "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
             # Stage definitions ship in the module, not in the binary; kwok needs them in --config.
-            # (tests/cluster/kwok/ replaces pod-delete.yaml at run time: see hack/k8s/README.md.)
+            # (tests/k8s/kwok/ replaces pod-delete.yaml at run time: see hack/k8s/README.md.)
             src="$GOMODCACHE/sigs.k8s.io/kwok@$KWOK_VERSION/kustomize/stage"
             mkdir -p "$tmp/stages"
             cp "$src/node/fast/node-initialize.yaml" "$src/node/heartbeat/node-heartbeat.yaml" \

@@ -1,9 +1,27 @@
 """The manager node runtime: one process per manager node, sharing one PostgreSQL with its peers.
 
-Layers, from the bottom: ``db`` owns every SQL statement and the schema; ``jobs`` is the distributed
-job pool (state transitions in ``jobs.states`` are pure); ``cluster`` is membership (heartbeats,
-offline detection, takeover); ``api`` serves HTTPS; ``node`` wires them into one process; ``cli`` is
-the ``dsm`` command.
+Layers, from the bottom (a module imports only from its own layer and the layers below; ``make
+lint`` checks it with import-linter, contracts in pyproject.toml):
+
+- ``db``: every SQL statement (``db/queries.sql``, loaded by name), the schema and its migrations,
+  engines.
+- the node's own stores and tools: ``auth`` (users, sessions, API keys, the audit log), ``keys``
+  (the master key), ``settings_store``, ``config``, ``crypto``, ``caches``, ``metrics``, ...
+- ``cluster``: membership. Its rules are pure (``lease``: the node's phases as a state machine;
+  ``status``, ``timing``, ``clock``); its I/O keeps them (``membership``: the gateway;
+  ``joining``, ``leasing``, ``sweeping``, ``live``).
+- ``services``: what a joined node hands its parts, typed and never None.
+- ``jobs``: the distributed job pool (``states`` are its pure rules, ``pool`` its gateway,
+  ``worker`` the claim loop, ``registry`` the job types).
+- ``api``: HTTPS, on a thread of its own; the only place that speaks JSON (``api.views``).
+  Beside it, ``console``: the administrator's HTML pages on the same port, through the API's
+  guard and gateways (the two import each other; ``console.views``, ``charts`` and ``security``
+  do no I/O).
+- ``node``: the composition root that builds one node; ``server`` runs it as a process;
+  ``local_cluster`` is ``dsm up``; ``cli`` is the ``dsm`` command.
+
+Pure modules (``cluster.lease``, ``cluster.status``, ``cluster.timing``, ``cluster.clock``,
+``jobs.states``) import no I/O library: a second contract says so.
 """
 
 from importlib.metadata import PackageNotFoundError, version

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import hashlib
 import json
 import logging
@@ -29,6 +30,7 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, TypeVar
 
 import argon2
@@ -92,17 +94,22 @@ class HashingPool:
 HASHING = HashingPool()
 
 
+class PrincipalKind(StrEnum):
+    USER = "user"  # signed in: a session token
+    API_KEY = "api-key"
+
+
 @dataclass(frozen=True)
 class Principal:
     """Who is calling: a user (by session) or an API key."""
 
     name: str
     role: str
-    kind: str  # "user" or "api-key"
+    kind: PrincipalKind
 
     @property
     def is_admin(self) -> bool:
-        return self.role == "administrator"
+        return self.role == roles.ADMINISTRATOR
 
 
 class SignInError(Exception):
@@ -218,10 +225,10 @@ async def authenticate(engine: AsyncEngine, bearer: str) -> Principal | None:
     async with engine.begin() as conn:
         row = (await conn.execute(Q.session_user, {"token_hash": h})).first()
         if row is not None:
-            return Principal(row.username, row.role, "user")
+            return Principal(row.username, row.role, PrincipalKind.USER)
         row = (await conn.execute(Q.api_key_user, {"key_hash": h})).first()
         if row is not None:
-            return Principal(f"api-key:{row.name}", row.role, "api-key")
+            return Principal(f"api-key:{row.name}", row.role, PrincipalKind.API_KEY)
     return None
 
 
@@ -322,3 +329,47 @@ async def audit(
             "source": source,
         },
     )
+
+
+@dataclass(frozen=True)
+class UserRecord:
+    """A user; ``full_name`` and ``email`` are ciphertexts (``user_context`` binds them)."""
+
+    id: int
+    username: str
+    role: str
+    full_name: str | None
+    email: str | None
+    disabled: bool
+    created_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    id: int
+    at: dt.datetime
+    actor: str
+    node: str
+    action: str
+    target: str | None
+    detail: dict[str, Any]
+    source: str | None
+
+
+async def list_users(engine: AsyncEngine) -> list[UserRecord]:
+    async with engine.connect() as conn:
+        return [
+            UserRecord(
+                int(r.id), r.username, r.role, r.full_name, r.email, r.disabled, r.created_at
+            )
+            for r in await conn.execute(Q.list_users)
+        ]
+
+
+async def list_audit(engine: AsyncEngine, limit: int) -> list[AuditEntry]:
+    """The newest entries first."""
+    async with engine.connect() as conn:
+        return [
+            AuditEntry(int(r.id), r.at, r.actor, r.node, r.action, r.target, r.detail, r.source)
+            for r in await conn.execute(Q.list_audit, {"limit": limit})
+        ]

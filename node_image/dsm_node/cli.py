@@ -30,6 +30,10 @@ from pydantic import ValidationError
 
 from dsm_node import __version__
 
+# Commands import what they need when they run: `dsm nodes list` or `dsm completion bash` should
+# not pay for the node runtime (SQLAlchemy, aiohttp, the job pool). No cycle hides behind this:
+# `make lint` checks that nothing below the CLI imports it (import-linter).
+
 EXAMPLES = """\
 examples:
   dsm up                                    a local 3-node cluster; Ctrl-C stops it

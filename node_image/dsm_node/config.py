@@ -11,8 +11,11 @@ from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from dsm_node import __version__
+from dsm_node.db.engine import sqlalchemy_url
 from dsm_node.settings_store import MIN_THRESHOLD_INTERVALS, ClusterSettings
 
 DEFAULT_HEARTBEAT_INTERVAL = ClusterSettings.model_fields["heartbeat_interval_seconds"].default
@@ -21,11 +24,6 @@ EXPECTED_DATABASE_URL = "postgresql://USER:PASSWORD@HOST:PORT/DATABASE"
 
 def database_url_problem(url: str) -> str | None:
     """Why a database URL cannot be used (malformed, or not PostgreSQL), or None."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    from dsm_node.db.engine import sqlalchemy_url
-
     if not url.strip():
         return f"it is empty; expected {EXPECTED_DATABASE_URL}"
     try:

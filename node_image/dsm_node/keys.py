@@ -9,8 +9,8 @@ decrypt with every version not yet retired). When nothing uses the old version, 
 from __future__ import annotations
 
 import json
+from enum import StrEnum
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from dsm_node import crypto
@@ -20,10 +20,49 @@ from dsm_node.db.queries import Q
 BATCH = 500
 
 
+class KeyState(StrEnum):
+    """``master_keys.state``: a rotation moves the active version to retiring, then retired."""
+
+    ACTIVE = "active"  # encrypts; one at a time
+    RETIRING = "retiring"  # still decrypts what is not re-encrypted yet
+    RETIRED = "retired"  # nothing uses it any more (kept readable for slow nodes)
+
+
+class MasterKeys:
+    """The cluster's master keys as this node holds them: the keyring its data is encrypted and
+    decrypted with, and the wrapper that unlocks new versions.
+
+    One object per node, shared by the node's event loop and the API's thread: each passes its
+    own engine when it must read the database (a rotation on any node adds key versions this
+    node learns of by reloading). Replacing ``keyring`` is one assignment, safe across threads."""
+
+    def __init__(self, wrapper: crypto.KeyWrapper, keyring: crypto.Keyring) -> None:
+        self.wrapper = wrapper
+        self.keyring = keyring
+
+    async def reload(self, engine: AsyncEngine) -> None:
+        """Picks up master-key versions added by a rotation on any node."""
+        async with engine.connect() as conn:
+            ring = await unlock(conn, self.wrapper)
+        if ring is not None:
+            self.keyring = ring
+
+    async def decrypt(self, engine: AsyncEngine, token: str, context: str) -> str:
+        """Decrypts, reloading the keys first when the token uses a version not seen yet."""
+        if crypto.Keyring.version_of(token) not in self.keyring.keys:
+            await self.reload(engine)
+        return self.keyring.decrypt(token, context)
+
+    def encrypt(self, plaintext: str, context: str) -> str:
+        return self.keyring.encrypt(plaintext, context)
+
+    @property
+    def active(self) -> int | None:
+        return self.keyring.active
+
+
 async def has_key_table(conn: AsyncConnection) -> bool:
-    return bool(
-        (await conn.execute(text("SELECT to_regclass('master_keys') IS NOT NULL"))).scalar()
-    )
+    return bool((await conn.execute(Q.table_exists, {"table": "master_keys"})).scalar())
 
 
 async def unlock(conn: AsyncConnection, wrapper: crypto.KeyWrapper) -> crypto.Keyring | None:
@@ -44,7 +83,7 @@ async def unlock(conn: AsyncConnection, wrapper: crypto.KeyWrapper) -> crypto.Ke
         key = wrapper.unwrap(bytes(r.wrapped_key), r.wrap_params)
         if crypto.check_value(key) != bytes(r.check_value):
             raise crypto.WrongSecret("master key check value does not match")
-        ring.add(int(r.version), key, r.state == "active")
+        ring.add(int(r.version), key, r.state == KeyState.ACTIVE)
     return ring
 
 
@@ -59,7 +98,7 @@ async def add_key(conn: AsyncConnection, wrapper: crypto.KeyWrapper, version: in
             "wrapping": wrapper.name,
             "wrap_params": json.dumps(params),
             "check_value": crypto.check_value(key),
-            "state": "active",
+            "state": KeyState.ACTIVE.value,
         },
     )
     return key
@@ -76,9 +115,12 @@ async def begin_rotation(engine: AsyncEngine, wrapper: crypto.KeyWrapper) -> int
     Idempotent while a rotation is under way: returns the version being rotated to."""
     async with engine.begin() as conn:
         rows = (await conn.execute(Q.master_keys)).all()
-        if any(r.state == "retiring" for r in rows):
+        if any(r.state == KeyState.RETIRING for r in rows):
             return max(int(r.version) for r in rows)
-        await conn.execute(Q.retire_master_keys, {"from_state": "active", "to_state": "retiring"})
+        await conn.execute(
+            Q.retire_master_keys,
+            {"from_state": KeyState.ACTIVE.value, "to_state": KeyState.RETIRING.value},
+        )
         version = max((int(r.version) for r in rows), default=0) + 1
         await add_key(conn, wrapper, version)
         return version
@@ -123,10 +165,11 @@ async def finish_rotation(engine: AsyncEngine, active: int) -> list[int] | None:
     """Retires the old versions once nothing is encrypted under them; None while something is
     (a node that had not yet loaded the new key may have written meanwhile)."""
     async with engine.begin() as conn:
-        await conn.execute(text("LOCK TABLE secret_settings, users IN SHARE MODE"))
+        await conn.execute(Q.lock_encrypted_tables)
         if (await conn.execute(Q.rows_not_under_key, {"version": active})).scalar_one():
             return None
         rows = await conn.execute(
-            Q.retire_master_keys, {"from_state": "retiring", "to_state": "retired"}
+            Q.retire_master_keys,
+            {"from_state": KeyState.RETIRING.value, "to_state": KeyState.RETIRED.value},
         )
         return [int(r.version) for r in rows]

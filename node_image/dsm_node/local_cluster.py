@@ -39,8 +39,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psycopg
+from sqlalchemy.engine import make_url
+
 from dsm_node import client, settings_store
 from dsm_node.api import tls
+from dsm_node.cluster.membership import Membership, NodeRecord
+from dsm_node.config import database_url_problem
+from dsm_node.db import admin
+from dsm_node.db.engine import create_engine, libpq_url
+from dsm_node.embedded_pg import EmbeddedPostgres, PostgresFailed, PostgresInUse, PostgresNotFound
 
 RESTART_BACKOFF = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 STABLE_SECONDS = 60.0  # a node that ran this long starts its backoff afresh
@@ -114,8 +122,6 @@ def check_arguments(args: argparse.Namespace) -> Plan:
 def check_database_url(url: str) -> None:
     """Parses a database URL the way the nodes will; raises UpError for a malformed one or an
     unsupported scheme."""
-    from dsm_node.config import database_url_problem
-
     if (problem := database_url_problem(url)) is not None:
         raise UpError(f"--database-url cannot be used: {problem}")
 
@@ -239,11 +245,6 @@ def check_ports(addresses: list[str], ports: list[int]) -> None:
 
 
 def check_database(url: str) -> None:
-    import psycopg
-    from sqlalchemy.engine import make_url
-
-    from dsm_node.db.engine import libpq_url
-
     u = make_url(url)
     where = f"{u.host}:{u.port or 5432}/{u.database}"
     try:
@@ -333,24 +334,24 @@ def last_log_line(path: Path) -> str:
     return ""
 
 
-def format_table(rows: list[dict[str, Any]], processes: dict[str, NodeProcess], now: float) -> str:
+def format_table(rows: list[NodeRecord], processes: dict[str, NodeProcess], now: float) -> str:
     """The live table: the database's view of each node and this machine's view of its
     process (pure)."""
     header = ("NAME", "PID", "PROCESS", "ADDRESS", "VERSION", "STATUS", "LAST HEARTBEAT")
     table = [header]
     seen = set()
     for n in rows:
-        p = processes.get(n["name"])
-        seen.add(n["name"])
+        p = processes.get(n.name)
+        seen.add(n.name)
         table.append(
             (
-                n["name"],
+                n.name,
                 str(p.pid or "-") if p else "-",
                 p.process_state(now) if p else "-",
-                f"{n['address']}:{n['apiPort']}",
-                n["version"],
-                n["status"],
-                f"{n['secondsSinceHeartbeat']:.0f}s ago",
+                f"{n.address}:{n.api_port}",
+                n.version,
+                str(n.status),
+                f"{n.seconds_since_heartbeat:.0f}s ago",
             )
         )
     for name, p in processes.items():
@@ -423,13 +424,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_locked(plan: Plan, state: Path) -> int:
-    from dsm_node.embedded_pg import (
-        EmbeddedPostgres,
-        PostgresFailed,
-        PostgresInUse,
-        PostgresNotFound,
-    )
-
     # Checks first: nothing is written before all of them pass.
     check_ports(plan.addresses, [plan.port, plan.heartbeat_port])
     pg = EmbeddedPostgres(state / "pg") if plan.database_url is None else None
@@ -482,7 +476,7 @@ def _run_locked(plan: Plan, state: Path) -> int:
                 pg.start()
             except PostgresFailed as e:
                 return _fail(f"PostgreSQL did not start: {e}", 1)
-            _create_database(pg.admin_url, "dsm")
+            admin.create_database(pg.admin_url, "dsm")
             url = pg.url("dsm")
         assert url is not None
         for i, address in enumerate(plan.addresses, 1):
@@ -611,14 +605,6 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
-def _create_database(admin_url: str, name: str) -> None:
-    import psycopg
-
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
-            conn.execute(f'CREATE DATABASE "{name}"')
-
-
 def _wait_ready(node: NodeProcess, port: int, cert: Path, stopping: Any) -> bool:
     ctx = ssl.create_default_context(cafile=str(cert))
     deadline = time.monotonic() + 120
@@ -634,15 +620,11 @@ def _wait_ready(node: NodeProcess, port: int, cert: Path, stopping: Any) -> bool
     return False
 
 
-def _node_rows(url: str) -> tuple[list[dict[str, Any]], str | None]:
-    from dsm_node.cluster.membership import Membership
-    from dsm_node.db.engine import create_engine
-    from dsm_node.settings_store import read
-
-    async def go() -> list[dict[str, Any]]:
+def _node_rows(url: str) -> tuple[list[NodeRecord], str | None]:
+    async def go() -> list[NodeRecord]:
         engine = create_engine(url, pool_size=1)
         try:
-            s = await read(engine)
+            s = await settings_store.read(engine)
             return await Membership(engine).list_nodes(s.offline_threshold_seconds)
         finally:
             await engine.dispose()

@@ -7,8 +7,18 @@ names the least role it needs; a role allows everything a lower role does.
 
 from __future__ import annotations
 
-AUDITOR = "auditor"
-ADMINISTRATOR = "administrator"
+from enum import StrEnum
+
+
+class Role(StrEnum):
+    """``users.role`` and ``api_keys.role`` as stored."""
+
+    AUDITOR = "auditor"
+    ADMINISTRATOR = "administrator"
+
+
+AUDITOR = Role.AUDITOR
+ADMINISTRATOR = Role.ADMINISTRATOR
 ROLES = (AUDITOR, ADMINISTRATOR)  # ascending privilege
 
 

@@ -194,10 +194,35 @@ def _warn_once(message: str) -> None:
         log.warning("%s", message)
 
 
-async def read(engine: AsyncEngine) -> ClusterSettings:
+async def stored(engine: AsyncEngine) -> dict[str, Any]:
+    """The settings rows as stored, unchecked."""
     async with engine.connect() as conn:
-        rows = (await conn.execute(Q.get_settings)).all()
-    return from_stored({r.key: r.value for r in rows})
+        return {r.key: r.value for r in await conn.execute(Q.get_settings)}
+
+
+async def read(engine: AsyncEngine) -> ClusterSettings:
+    return from_stored(await stored(engine))
+
+
+# -- secret settings: stored encrypted under the master key (keys.MasterKeys) -----------------
+
+
+async def secret_names(engine: AsyncEngine) -> list[str]:
+    async with engine.connect() as conn:
+        return [r.key for r in await conn.execute(Q.secret_settings)]
+
+
+async def secret_ciphertext(engine: AsyncEngine, key: str) -> str | None:
+    async with engine.connect() as conn:
+        row = (await conn.execute(Q.secret_setting, {"key": key})).first()
+    return None if row is None else str(row.ciphertext)
+
+
+async def put_secret(conn: AsyncConnection, key: str, ciphertext: str, key_version: int) -> None:
+    """Stores a secret setting's ciphertext, in the caller's transaction."""
+    await conn.execute(
+        Q.put_secret_setting, {"key": key, "ciphertext": ciphertext, "key_version": key_version}
+    )
 
 
 async def write(

@@ -17,7 +17,7 @@ from kubernetes import client
 from kubernetes import watch as watching
 from kubernetes.client import ApiException
 
-from tests.cluster.plugin import Cluster
+from tests.k8s.plugin import Cluster
 
 pytestmark = pytest.mark.cluster
 

@@ -2,7 +2,7 @@
 
 kwok v0.8.0's own pod-delete stage answers a graceful deletion with two DELETEs by name, 10-40 ms
 apart; when a controller re-creates the pod in between, the second one deletes the new pod. Our
-stage (tests/cluster/kwok/pod-delete.yaml) replaces it. Judged by the API server's audit log:
+stage (tests/k8s/kwok/pod-delete.yaml) replaces it. Judged by the API server's audit log:
 every DELETE kwok sent, and which pod each one hit.
 """
 
@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from tests.cluster.plugin import Cluster
-from tests.cluster.waiting import wait_until
+from tests.k8s.plugin import Cluster
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -61,10 +61,11 @@ def test_kwok_deletes_each_deleted_pod_once_and_no_other(
     deleted: list[str] = []
     for _ in range(REPLACEMENTS):
         wait_until(
-            "a Ready pod that is not the one deleted last",
             lambda: (
                 (p := _ready_pod(core, k8s_namespace)) is not None and p.metadata.uid not in deleted
             ),
+            30,
+            "a Ready pod that is not the one deleted last",
         )
         pod = _ready_pod(core, k8s_namespace)
         core.delete_namespaced_pod(
@@ -75,10 +76,11 @@ def test_kwok_deletes_each_deleted_pod_once_and_no_other(
         deleted.append(pod.metadata.uid)
     # Let the last deletion finish (and any second DELETE follow it): the next pod is Ready.
     wait_until(
-        "the pod after the last deletion to be Ready",
         lambda: (
             (p := _ready_pod(core, k8s_namespace)) is not None and p.metadata.uid not in deleted
         ),
+        30,
+        "the pod after the last deletion to be Ready",
     )
 
     audit = k8s_workloads.audit

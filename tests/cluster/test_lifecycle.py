@@ -13,8 +13,8 @@ import pytest
 from kubernetes import client
 from kubernetes.client import ApiException
 
-from tests.cluster.plugin import Cluster
-from tests.cluster.waiting import wait_until
+from tests.k8s.plugin import Cluster
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -69,6 +69,7 @@ def test_garbage_collector_deletes_owned_children(
         "owner", k8s_namespace, body=client.V1DeleteOptions(propagation_policy="Background")
     )
     wait_until(
-        "the garbage collector to delete the child",
         lambda: not config_map_exists(core, k8s_namespace, "child"),
+        30,
+        "the garbage collector to delete the child",
     )

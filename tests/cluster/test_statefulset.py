@@ -26,10 +26,10 @@ import pytest
 from kubernetes import client
 from kubernetes import watch as watching
 
-from tests.cluster import controlplane
-from tests.cluster.plugin import Cluster
-from tests.cluster.podwatch import PodEvent, PodEvents
-from tests.cluster.waiting import wait_until
+from tests.k8s import controlplane
+from tests.k8s.plugin import Cluster
+from tests.k8s.podwatch import PodEvent, PodEvents
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -110,8 +110,9 @@ def test_ordered_ready_creates_one_pod_at_a_time_and_scales_down_from_the_top(
         # Pod N is held unready by its gate. The controller has seen it (its status counts it) and
         # gets a few seconds more to create N+1 anyway; OrderedReady says it must not.
         wait_until(
-            f"StatefulSet status to count {pod} as created but not Ready",
             lambda: status_counts(apps, k8s_namespace) == (ordinal + 1, ordinal),  # noqa: B023
+            30,
+            f"StatefulSet status to count {pod} as created but not Ready",
         )
         pod_events.assert_no_event(f"{NAME}-{ordinal + 1}", seconds=2)
         core.patch_namespaced_pod(

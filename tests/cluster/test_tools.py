@@ -17,8 +17,8 @@ import pytest
 import yaml
 from kubernetes import client
 
-from tests.cluster import controlplane
-from tests.cluster.plugin import Cluster
+from tests.k8s import controlplane
+from tests.k8s.plugin import Cluster
 
 pytestmark = pytest.mark.cluster
 

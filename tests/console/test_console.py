@@ -26,8 +26,10 @@ from tests.console.helpers import (
     start_nodes,
     status_cell,
 )
-from tests.support.nodes import REPO, Cluster, NodeProcess, next_address, query, wait_until
+from tests.support.loopback import next_address
+from tests.support.nodes import REPO, Cluster, NodeProcess, query
 from tests.support.tcpproxy import Proxy
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 # the next software version, with its test migration (as in tests/integration/test_lifecycle.py)

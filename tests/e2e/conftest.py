@@ -1,8 +1,9 @@
 """e2e fixtures: the session's control plane (``k8s_workloads``) plus the mini kubelet, and per
 test one DeepSecurityManager with a fresh database, its Secrets and its own operator process.
 
-The plugins (``tests.support.postgres``, ``tests.support.nodes``, ``tests.cluster.plugin``) are
-registered by the top-level tests/conftest.py; nothing is registered here.
+The plugins (``tests.support.postgres``, ``tests.k8s.plugin``) are registered by the top-level
+tests/conftest.py; nothing is registered here. What the fixtures use is in tests/support/e2e.py
+and tests/support/images.py.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from typing import Any
 
 import pytest
 
-from tests.e2e import containers, harness
-from tests.e2e.kubeapi import KubeApi
-from tests.e2e.kubelet import MiniKubelet
+from tests.k8s import containers
+from tests.k8s.kubeapi import KubeApi
+from tests.k8s.kubelet import MiniKubelet
+from tests.support import e2e, images
 from tests.support.jobtypes import CREATE_EFFECTS
-from tests.support.nodes import set_settings
+from tests.support.nodes import query, set_settings
 
 _databases = itertools.count()
 
@@ -27,17 +29,13 @@ _databases = itertools.count()
 @pytest.fixture(scope="session")
 def e2e_api(k8s_workloads: Any) -> KubeApi:
     api = KubeApi(Path(k8s_workloads.kubeconfig))
-    harness.install_crd(api)
+    e2e.install_crd(api)
     return api
 
 
 @pytest.fixture(scope="session")
 def kubelet(e2e_api: KubeApi, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MiniKubelet]:
-    k = MiniKubelet(e2e_api, tmp_path_factory.mktemp("kubelet"))
-    # The "next version" of the product carries a test-only schema change (tests/support).
-    k.add_env_rule(
-        {"DSM_SOFTWARE_VERSION": "0.2.0"}, {"DSM_EXTRA_MIGRATIONS_DIR": str(harness.V2_MIGRATIONS)}
-    )
+    k = e2e.dsm_kubelet(e2e_api, tmp_path_factory.mktemp("kubelet"))
     k.start()
     try:
         yield k
@@ -49,22 +47,11 @@ def kubelet(e2e_api: KubeApi, tmp_path_factory: pytest.TempPathFactory) -> Itera
 def e2e_images(kubelet: MiniKubelet) -> dict[str, str]:
     """version -> node image for the image-mode tests (built on the node image of ``make
     images``); from now on the kubelet runs pods of these images in podman."""
-    version = containers.project_version()
-    needed = [
-        f"{containers.NODE_REPOSITORY}:{version}",
-        f"{containers.OPERATOR_REPOSITORY}:{version}",
-    ]
-    reason = containers.unavailable_reason(needed)
-    if reason is not None:
-        verdict = "FAILED (CI=true)" if os.environ.get("CI") == "true" else "SKIPPED"
-        message = f"E2E IMAGE TESTS {verdict}: {reason}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+    images.require("E2E IMAGE TESTS")
     containers.remove_leftovers()
-    images = containers.build_e2e_images()
-    kubelet.container_images = (containers.E2E_REPOSITORY,)
-    return images
+    built = images.build_e2e_images()
+    kubelet.container_images = (images.E2E_REPOSITORY,)
+    return built
 
 
 @pytest.fixture
@@ -77,7 +64,7 @@ def manager(
     pg_template: str,
     tmp_path: Path,
     request: pytest.FixtureRequest,
-) -> Iterator[harness.Manager]:
+) -> Iterator[e2e.Manager]:
     """A DeepSecurityManager ``mgr`` (not yet applied) and its running operator.
 
     Parametrized indirectly: ``"process"`` (the default) runs the operator and the nodes as local
@@ -85,22 +72,22 @@ def manager(
     image (tags 0.1.0 and 0.2.0, :func:`e2e_images`) in podman."""
     runtime = getattr(request, "param", "process")
     operator_image = None
-    node_repository = harness.PROCESS_NODE_REPOSITORY
+    node_repository = e2e.PROCESS_NODE_REPOSITORY
     if runtime == "image":
         request.getfixturevalue("e2e_images")
-        operator_image = f"{containers.OPERATOR_REPOSITORY}:{containers.project_version()}"
-        node_repository = containers.E2E_REPOSITORY
+        operator_image = f"{images.OPERATOR_REPOSITORY}:{images.project_version()}"
+        node_repository = images.E2E_REPOSITORY
     db = f"e2e{os.getpid()}_{next(_databases)}"
     url = pg_server.create(db, template=pg_template)  # schema 2 at 0.1.0, no node yet
-    harness.query(url, CREATE_EFFECTS)
+    query(url, CREATE_EFFECTS)
     set_settings(
         url,
-        heartbeat_interval_seconds=harness.HEARTBEAT_INTERVAL,
-        offline_threshold_seconds=harness.OFFLINE_THRESHOLD,
+        heartbeat_interval_seconds=e2e.HEARTBEAT_INTERVAL,
+        offline_threshold_seconds=e2e.OFFLINE_THRESHOLD,
     )
-    m = harness.Manager(e2e_api, kubelet, k8s_namespace, url, runtime=runtime)
+    m = e2e.Manager(e2e_api, kubelet, k8s_namespace, url, runtime=runtime)
     m.create_secrets()
-    operator = harness.OperatorProcess(
+    operator = e2e.OperatorProcess(
         Path(k8s_workloads.kubeconfig),
         k8s_namespace,
         tmp_path / "operator.log",

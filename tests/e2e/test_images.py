@@ -21,33 +21,23 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from dsm_node.embedded_pg import free_port
-from tests.e2e import containers
-from tests.support.nodes import LOCAL_SECRET, next_address, wait_until
+from tests.k8s import containers
+from tests.support.images import REPO, project_version, require
+from tests.support.loopback import free_port, next_address
+from tests.support.nodes import LOCAL_SECRET
+from tests.support.processes import ChildProcess
+from tests.support.waiting import wait_until
 
 # e2e: needs the images `make test` builds first (`make test-fast` does not build them).
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
-REPO = containers.REPO
 USERS = {"node": "10001:10001", "operator": "10002:10002"}
 LOCKS = {"node": "node.txt", "operator": "operator.txt"}
 
 
 @pytest.fixture(scope="module")
 def images() -> dict[str, str]:
-    version = containers.project_version()
-    built = {
-        "node": f"{containers.NODE_REPOSITORY}:{version}",
-        "operator": f"{containers.OPERATOR_REPOSITORY}:{version}",
-    }
-    reason = containers.unavailable_reason(list(built.values()))
-    if reason is not None:
-        verdict = "FAILED (CI=true)" if os.environ.get("CI") == "true" else "SKIPPED"
-        message = f"IMAGE TESTS {verdict}: {reason}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
-    return built
+    return require("IMAGE TESTS")
 
 
 def run(image: str, script: str, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -81,7 +71,7 @@ def test_non_root_labelled_and_no_compiler(images: dict[str, str], kind: str) ->
     info = json.loads(containers.podman("image", "inspect", images[kind]).stdout)[0]
     assert info["Config"]["User"] == USERS[kind]
     labels = info["Config"]["Labels"]
-    assert labels["org.opencontainers.image.version"] == containers.project_version()
+    assert labels["org.opencontainers.image.version"] == project_version()
     head = subprocess.run(
         ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO
     ).stdout.strip()
@@ -118,7 +108,7 @@ def test_exactly_the_locked_dependencies(images: dict[str, str], kind: str) -> N
         for name, version in json.loads(listing.stdout).items()
     }
     locked = linux_pins(REPO / "requirements" / LOCKS[kind])
-    assert installed.pop("dsm") == containers.project_version()
+    assert installed.pop("dsm") == project_version()
     assert installed == locked  # nothing more (no pip, no setuptools), nothing less
 
 
@@ -169,10 +159,7 @@ def test_the_node_serves_with_a_read_only_root(
         ),
     )
     log = tmp_path / "node.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            argv, env={"PATH": os.environ["PATH"], **env}, stdout=out, stderr=subprocess.STDOUT
-        )
+    node = ChildProcess(argv, log, env={"PATH": os.environ["PATH"], **env}).start()
     insecure = ssl.create_default_context()
     insecure.check_hostname = False
     insecure.verify_mode = ssl.CERT_NONE
@@ -187,7 +174,7 @@ def test_the_node_serves_with_a_read_only_root(
             return 0, ""
 
     def ready() -> bool:
-        assert proc.poll() is None, f"node exited {proc.returncode}:\n{log.read_text()}"
+        assert node.running, f"node exited {node.returncode}:\n{log.read_text()}"
         return get("/readyz")[0] == 200
 
     try:
@@ -198,8 +185,9 @@ def test_the_node_serves_with_a_read_only_root(
         assert any(p.name.startswith("dsm-tls-") for p in tmp_dir.iterdir())
     finally:
         containers.kill(node_container, "TERM")
-        proc.wait(60)
-    assert proc.returncode == 0, log.read_text()[-3000:]  # SIGTERM: a clean stop
+        assert node.proc is not None
+        node.proc.wait(60)
+    assert node.returncode == 0, log.read_text()[-3000:]  # SIGTERM: a clean stop
 
 
 def wheelhouse() -> Path:

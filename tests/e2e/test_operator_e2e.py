@@ -1,5 +1,5 @@
 """End to end: the operator (its own process) drives a StatefulSet whose pods are real node-runtime
-processes started by the mini kubelet (tests/e2e/kubelet.py) from the pods' own command,
+processes started by the mini kubelet (tests/k8s/kubelet.py) from the pods' own command,
 environment and Secrets, each on its own 127.x address, against a real PostgreSQL.
 
 Readiness is the nodes' own ``/readyz`` probed by the kubelet, so launches, upgrades and scale-down
@@ -21,17 +21,17 @@ from typing import Any
 import pytest
 
 from dsm_node.db import migrating
-from tests.e2e import containers
-from tests.e2e.harness import (
+from tests.k8s import containers
+from tests.k8s.kubelet import KubeletEvent, MiniKubelet
+from tests.support.e2e import (
     V2_MIGRATIONS,
     JobProducer,
     Manager,
     OperatorProcess,
     node_request,
-    query,
-    wait_for,
 )
-from tests.e2e.kubelet import KubeletEvent, MiniKubelet
+from tests.support.nodes import query
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 # The schema version the test-only "next version" reaches.
@@ -67,7 +67,7 @@ def first(events: Iterable[KubeletEvent], kind: str) -> dict[str, KubeletEvent]:
 
 def launch(manager: Manager, kubelet: MiniKubelet, nodes: int) -> None:
     manager.apply(nodes=nodes, version="0.1.0")
-    wait_for(
+    wait_until(
         lambda: manager.all_online(nodes, "0.1.0"),
         300,
         f"{nodes} nodes Online in the resource's status",
@@ -201,14 +201,14 @@ def test_upgrade_takes_over_one_node_at_a_time_and_loses_no_job(
     url = manager.database_url
     producer = JobProducer(manager)
     producer.start()
-    wait_for(lambda: len(producer.ids) >= 50, 60, "jobs flowing before the upgrade")
+    wait_until(lambda: len(producer.ids) >= 50, 60, "jobs flowing before the upgrade")
     observer = Observer(manager)
     observer.start()
     upgrade_started = time.time()
 
     manager.patch_spec(version="0.2.0")
     try:
-        wait_for(
+        wait_until(
             lambda: manager.all_online(3, "0.2.0"),
             600,
             "3 nodes Online at 0.2.0",
@@ -249,7 +249,7 @@ def test_upgrade_takes_over_one_node_at_a_time_and_loses_no_job(
     assert ready["status"] == "True", ready
     assert manager.condition("Degraded")["status"] == "False"
     assert "InProgress" in observer.rollout_states
-    rollout = wait_for(
+    rollout = wait_until(
         lambda: (r := manager.status().get("rollout") or {}).get("state") == "Complete" and r,
         60,
         "rollout Complete in the status",
@@ -271,7 +271,7 @@ def test_upgrade_takes_over_one_node_at_a_time_and_loses_no_job(
     assert concurrent_starts(kubelet.events_of(manager.namespace)) == []
 
     # Jobs: none lost, none ran twice.
-    wait_for(
+    wait_until(
         lambda: query(url, "SELECT count(*) FROM jobs WHERE type = 'record_effect'") == [(0,)],
         120,
         "all jobs done",
@@ -294,14 +294,14 @@ def test_scale_down_decommissions_the_highest_ordinal(
         rows = query(manager.database_url, "SELECT name, status FROM nodes ORDER BY name")
         return rows if ("mgr-2", "decommissioned") in rows else None
 
-    rows = wait_for(
+    rows = wait_until(
         decommissioned,
         300,
         "mgr-2 decommissioned",
         lambda: f"status: {manager.status()}\nDB: {manager.db_nodes()}",
     )
     assert rows == [("mgr-0", "online"), ("mgr-1", "online"), ("mgr-2", "decommissioned")]
-    wait_for(lambda: manager.all_online(2, "0.1.0"), 120, "2 nodes Online in the status")
+    wait_until(lambda: manager.all_online(2, "0.1.0"), 120, "2 nodes Online in the status")
     status = manager.status()
     assert [n["name"] for n in status["nodes"]] == ["mgr-0", "mgr-1"]
     assert "mgr-2" in (status.get("decommissioned") or [])
@@ -338,12 +338,12 @@ def test_a_killed_node_is_restarted_in_its_pod_and_rejoins(
         statuses = pod.get("status", {}).get("containerStatuses") or [{}]
         return statuses[0] if statuses[0].get("restartCount") == 1 else None
 
-    container = wait_for(restarted, 120, "mgr-1 restarted in place")
+    container = wait_until(restarted, 120, "mgr-1 restarted in place")
     assert container["lastState"]["terminated"]["exitCode"] == 137
     # The new process Ready first: right after the restart the resource's status may still be
     # the one from before the kill (the operator has not yet seen the pod turn unready), so
     # all_online alone can hold while the new process is still starting.
-    wait_for(
+    wait_until(
         lambda: (
             any(
                 e.pod == "mgr-1" and e.kind == "ready" and e.at >= killed_at
@@ -380,7 +380,7 @@ def test_an_operator_restarted_mid_upgrade_resumes_it(
         events = [e for e in kubelet.events_of(manager.namespace) if e.at >= started]
         return any(e.pod == "mgr-0" and e.kind == "ready" for e in events)
 
-    wait_for(first_replacement_ready, 300, "the new mgr-0 Ready")
+    wait_until(first_replacement_ready, 300, "the new mgr-0 Ready")
     assert manager.operator is not None
     assert manager.operator.stop() == 0
 
@@ -398,7 +398,7 @@ def test_an_operator_restarted_mid_upgrade_resumes_it(
         manager.namespace,
         manager.operator.log_path.with_name("operator-2.log"),
     ).start()
-    wait_for(
+    wait_until(
         lambda: manager.all_online(3, "0.2.0"),
         600,
         "3 nodes Online at 0.2.0 after the restart",
@@ -418,7 +418,7 @@ def test_scaling_back_up_after_a_scale_down_brings_the_node_back(
     bug this found: a decommissioned name could never rejoin, so the new pod restarted forever)."""
     launch(manager, kubelet, 3)
     manager.patch_spec(nodes=2)
-    wait_for(
+    wait_until(
         lambda: (
             ("mgr-2", "decommissioned", "0.1.0")
             in [(n, s, v) for n, (s, v) in manager.db_nodes().items()]
@@ -426,7 +426,7 @@ def test_scaling_back_up_after_a_scale_down_brings_the_node_back(
         300,
         "mgr-2 decommissioned",
     )
-    wait_for(lambda: manager.all_online(2, "0.1.0"), 120, "2 nodes Online")
+    wait_until(lambda: manager.all_online(2, "0.1.0"), 120, "2 nodes Online")
     manager.patch_spec(nodes=3)
 
     def online_or_refused() -> str | None:
@@ -436,7 +436,7 @@ def test_scaling_back_up_after_a_scale_down_brings_the_node_back(
             return "refused"
         return None
 
-    outcome = wait_for(online_or_refused, 300, "mgr-2 back or refused")
+    outcome = wait_until(online_or_refused, 300, "mgr-2 back or refused")
     assert outcome == "online", (
         "the new mgr-2 is refused by the cluster (decommissioned name) and restarts forever:\n"
         + kubelet.logs(manager.namespace, lines=3)

@@ -1,8 +1,9 @@
 """Who may do what, for every route and every job type, against a real node: an administrator and
 an auditor each by session and by API key, and a caller without credentials.
 
-The expectations are a table written here, not derived from the code; a test also checks that the
-table covers every route the node serves, so a new route cannot arrive without its row.
+The expectations are a table written in tests/support/access.py, not derived from the code; a unit
+test (tests/unit/test_access_table.py) checks that the table covers every route the node serves,
+so a new route cannot arrive without its row.
 """
 
 from __future__ import annotations
@@ -17,12 +18,22 @@ from typing import Any
 
 import pytest
 
-from dsm_node.api.app import ROUTES
 from dsm_node.jobs import builtin  # noqa: F401  (registers the built-in job types)
 from dsm_node.jobs.registry import REGISTRY
 from tests.support import (
     jobtypes,  # noqa: F401  (registers the test job types)
     rawhttp,
+)
+from tests.support.access import (
+    ADMIN_PASSWORD,
+    ADMINS,
+    AUDITOR_KEY,
+    AUDITOR_PASSWORD,
+    AUDITORS,
+    PRINCIPALS,
+    TABLE,
+    Row,
+    expected,
 )
 from tests.support.jobtypes import CREATE_EFFECTS
 from tests.support.nodes import API_KEY, Cluster, NodeProcess, query
@@ -30,65 +41,7 @@ from tests.support.postgres import Server
 
 pytestmark = pytest.mark.integration
 
-ADMIN_PASSWORD = "correct horse battery staple"
-AUDITOR_PASSWORD = "auditor horse battery staple"
-AUDITOR_KEY = "access-test-auditor-key-0123456789"
-PRINCIPALS = ("admin-session", "admin-key", "auditor-session", "auditor-key", "nobody")
-ADMINS = ("admin-session", "admin-key")
-AUDITORS = ("auditor-session", "auditor-key")
 _names = itertools.count()
-
-
-@dataclass(frozen=True)
-class Row:
-    """One route: how to call it, and the status each principal gets."""
-
-    method: str
-    path: str  # the route's pattern, as the node declares it
-    call: str  # a concrete path
-    body: Any = None
-    admin: int = 200  # status for administrators (session and key alike)
-    auditor: int = 403
-    nobody: int = 401
-    key_differs: int | None = None  # status for API keys where it differs from sessions
-
-
-TABLE = [
-    Row("GET", "/healthz", "/healthz", admin=200, auditor=200, nobody=200),
-    Row("GET", "/readyz", "/readyz", admin=200, auditor=200, nobody=200),
-    Row("GET", "/metrics", "/metrics", admin=200, auditor=200, nobody=200),
-    Row("GET", "/api/nodes", "/api/nodes", auditor=200),
-    Row("GET", "/api/jobs/stats", "/api/jobs/stats", auditor=200),
-    Row("GET", "/api/jobs/{id}", "/api/jobs/{job}", auditor=200),
-    # enqueue: the route admits both roles; each job type decides (test below)
-    Row("POST", "/api/jobs", "/api/jobs", {"type": "report_for_auditors"}, 201, 201),
-    # sign-in needs no credentials: whoever calls, right credentials in the body sign in
-    Row(
-        "POST",
-        "/api/sessions",
-        "/api/sessions",
-        {"username": "admin", "password": ADMIN_PASSWORD},
-        admin=201,
-        auditor=201,
-        nobody=201,
-    ),
-    Row("DELETE", "/api/sessions", "/api/sessions", auditor=200, key_differs=400),
-    Row(
-        "POST", "/api/nodes/{name}/decommission", "/api/nodes/no-such-node/decommission", admin=404
-    ),
-    Row("GET", "/api/settings", "/api/settings", auditor=200),
-    Row("PATCH", "/api/settings", "/api/settings", {"jobHistoryRetentionSeconds": 604800}),
-    Row("GET", "/api/settings/secrets/{key}", "/api/settings/secrets/access_secret"),
-    Row(
-        "PUT", "/api/settings/secrets/{key}", "/api/settings/secrets/access_secret", {"value": "v"}
-    ),
-    Row("POST", "/api/master-key/rotate", "/api/master-key/rotate", admin=202),
-    Row("GET", "/api/users", "/api/users"),
-    Row("POST", "/api/users", "/api/users", "new-user", admin=201),
-    Row("GET", "/api/audit", "/api/audit", auditor=200),
-    Row("GET", "/api/alerts", "/api/alerts", auditor=200),
-    Row("GET", "/api/agents/managers", "/api/agents/managers", auditor=200),
-]
 
 
 @dataclass
@@ -175,21 +128,6 @@ def test_an_auditor_cannot_rotate_the_master_key_through_the_job_pool(setup: Set
         url, "SELECT actor, detail::text FROM audit_log WHERE action = 'enqueue-refused'"
     )
     assert len(refusals) == 6 and {r[0] for r in refusals} == {"ann", "api-key:auditor-key"}
-
-
-def test_the_table_covers_every_route_the_node_serves() -> None:
-    served = {(r.method, r.path) for r in ROUTES if r.surface == "api"}  # console: tests/console
-    tabled = {(r.method, r.path) for r in TABLE}
-    assert served == tabled, (sorted(served - tabled), sorted(tabled - served))
-
-
-def expected(row: Row, principal: str) -> int:
-    if principal == "nobody":
-        return row.nobody
-    status = row.admin if principal in ADMINS else row.auditor
-    if principal.endswith("-key") and row.key_differs is not None and status < 400:
-        return row.key_differs
-    return status
 
 
 @pytest.mark.parametrize("principal", PRINCIPALS)

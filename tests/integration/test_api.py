@@ -1,5 +1,5 @@
-"""The HTTPS API of a real node process: what works, and how every malformed request is refused
-with a 4xx that names the problem (never a 5xx)."""
+"""The HTTPS API of a real node process: what works, how every malformed request is refused
+with a 4xx that names the problem (never a 5xx), and ``/healthz`` reporting a wedged node."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 
 from tests.support.nodes import Cluster, NodeProcess, query
 from tests.support.postgres import Server
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -139,8 +140,6 @@ def test_malformed_requests_store_nothing(node: NodeProcess) -> None:
 def test_healthz_says_stuck_when_the_nodes_loop_is_blocked(node: NodeProcess) -> None:
     """The API answers from its own thread; /healthz still reports whether the node's own event
     loop answers, so a liveness probe restarts a wedged node."""
-    from tests.support.nodes import wait_until
-
     status, body = node.request(
         "POST", "/api/jobs", {"type": "block_event_loop", "payload": {"seconds": 8}}
     )

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests.support.dsmcli import dsm
-from tests.support.nodes import API_KEY, Cluster, wait_until
+from tests.support.nodes import API_KEY, Cluster
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from dsm_node.embedded_pg import EmbeddedPostgres, free_port
+from dsm_node.embedded_pg import EmbeddedPostgres
 from tests.support.dsmcli import DsmUp, dsm
-from tests.support.nodes import next_address, query
+from tests.support.loopback import free_port, next_address
+from tests.support.nodes import query
 from tests.support.postgres import Server
 
 pytestmark = pytest.mark.integration

@@ -19,8 +19,9 @@ import pytest
 
 from dsm_node.embedded_pg import EmbeddedPostgres
 from tests.support.effects import effects_per_job, node_status, pending, prepare, submit
-from tests.support.nodes import Cluster, query, wait_until
+from tests.support.nodes import Cluster, query
 from tests.support.tcpproxy import Proxy
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 

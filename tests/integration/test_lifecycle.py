@@ -1,5 +1,7 @@
-"""Node lifecycle with real node processes: upgrade takeover, refusals that change nothing,
-decommission, sign-in on any node, the master key, settings, and the clock check."""
+"""Node lifecycle with real node processes: upgrade takeover (and an old node that was paused
+through it learning it needs an upgrade), a migrating node healthy but not ready, refusals that
+change nothing, a restarted node reusing its name, decommission, sign-in on any node, secret
+settings and master-key rotation, and the clock check."""
 
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ import pytest
 
 from dsm_node.db import migrating
 from tests.support.jobtypes import CREATE_EFFECTS
-from tests.support.nodes import API_KEY, Cluster, NodeProcess, query, set_settings, wait_until
+from tests.support.nodes import API_KEY, Cluster, NodeProcess, query, set_settings
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 

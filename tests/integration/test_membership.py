@@ -157,7 +157,7 @@ async def test_a_release_refunds_the_attempt_and_keeps_fencing(
         assert await pool.release(a.node_id, [(job.id, job.attempt)], "shutdown") == 1
     assert tokens == [1, 2, 3], "the fencing token never repeats"
     public = await pool.get(job_id)
-    assert public is not None and (public["attempt"], public["state"]) == (0, "ready")
+    assert public is not None and (public.attempt, public.state) == (0, "ready")
     (job,) = await pool.claim(a.node_id, a.epoch, 1)
     # an old token can neither finish nor release the job
     assert await pool.complete(a.node_id, [(job_id, tokens[-1])]) == set()
@@ -165,7 +165,7 @@ async def test_a_release_refunds_the_attempt_and_keeps_fencing(
     # its only counted attempt fails: a dead letter after one real failure, not before
     assert await pool.fail(a.node_id, job, "boom", states.Backoff()) == "failed"
     public = await pool.get(job_id)
-    assert public is not None and (public["state"], public["attempt"]) == ("failed", 1)
+    assert public is not None and (public.state, public.attempt) == ("failed", 1)
 
 
 async def test_session_limits_apply_to_new_and_pooled_connections(database_url: str) -> None:

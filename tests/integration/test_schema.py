@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import psycopg
+import psycopg.sql
 import pytest
 
 from dsm_node.db import migrating
@@ -26,8 +27,16 @@ def test_migrations_yield_the_committed_schema(database_url: str) -> None:
     )
 
 
+# Utility statements PREPARE does not take: run for real (LISTEN and LOCK TABLE in a transaction
+# that is rolled back, CREATE DATABASE on a throwaway name).
+UTILITY = {"listen_jobs", "lock_encrypted_tables", "create_database"}
+
+
 @pytest.mark.parametrize("name", sorted(Q.sql))
 def test_every_named_statement_is_valid_against_the_schema(database_url: str, name: str) -> None:
+    if name in UTILITY:
+        _run_utility(database_url, name)
+        return
     numbered: dict[str, int] = {}
 
     def number(m: re.Match[str]) -> str:
@@ -79,6 +88,22 @@ async def test_a_newer_schema_is_refused(database_url: str, tmp_path: Path) -> N
             await migrating.ensure_schema(engine, "0.1.0")
     finally:
         await engine.dispose()
+
+
+def _run_utility(database_url: str, name: str) -> None:
+    if name == "create_database":
+        throwaway = f"probe_{name}_{id(name)}"
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(
+                psycopg.sql.SQL(Q.sql[name]).format(database=psycopg.sql.Identifier(throwaway))
+            )
+            conn.execute(
+                psycopg.sql.SQL("DROP DATABASE {}").format(psycopg.sql.Identifier(throwaway))
+            )
+        return
+    with psycopg.connect(database_url) as conn:
+        conn.execute(Q.psycopg(name))  # type: ignore[arg-type]
+        conn.rollback()
 
 
 def _next_version() -> int:

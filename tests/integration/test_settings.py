@@ -10,7 +10,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.support.nodes import Cluster, NodeProcess, query, set_settings, wait_until
+from tests.support.nodes import Cluster, NodeProcess, query, set_settings
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 

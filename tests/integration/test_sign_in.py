@@ -18,7 +18,8 @@ import psycopg
 import pytest
 
 from tests.support import rawhttp
-from tests.support.nodes import Cluster, NodeProcess, next_address, query, set_settings
+from tests.support.loopback import next_address
+from tests.support.nodes import Cluster, NodeProcess, query, set_settings
 
 pytestmark = pytest.mark.integration
 

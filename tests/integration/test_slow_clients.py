@@ -15,7 +15,8 @@ import time
 import pytest
 
 from tests.support import rawhttp
-from tests.support.nodes import Cluster, NodeProcess, next_address
+from tests.support.loopback import next_address
+from tests.support.nodes import Cluster, NodeProcess
 
 pytestmark = pytest.mark.integration
 

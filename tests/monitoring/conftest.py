@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.monitoring import tools
+from tests.support import prometheus
 
 
 @pytest.fixture(scope="session")
-def prometheus_tools() -> tools.Tools:
-    return tools.require()
+def prometheus_tools() -> prometheus.Tools:
+    return prometheus.require_tools()

@@ -21,10 +21,10 @@ import yaml
 
 from dsm_operator.reconcile import manifests, names
 from dsm_operator.reconcile.specs import ManagerSpec, Owner
-from tests.cluster import controlplane
-from tests.e2e import harness
-from tests.e2e.kubeapi import KubeApi
-from tests.monitoring import tools
+from tests.k8s import controlplane
+from tests.k8s.kubeapi import KubeApi
+from tests.support import e2e, prometheus
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
@@ -41,19 +41,19 @@ def crd_established(api: KubeApi, name: str) -> bool:
 
 @pytest.fixture(scope="module")
 def api(
-    prometheus_tools: tools.Tools, tmp_path_factory: pytest.TempPathFactory
+    prometheus_tools: prometheus.Tools, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[KubeApi]:
     binaries = controlplane.Binaries.locate()
     if binaries.missing():
         pytest.skip("the control plane is not built (make k8s)")
     with controlplane.running(tmp_path_factory.mktemp("k8s-monitoring")) as plane:
         kube = KubeApi(plane.kubeconfig)
-        harness.install_crd(kube)
+        e2e.install_crd(kube)
         for path in (prometheus_tools.service_monitor_crd, prometheus_tools.prometheus_rule_crd):
             body = yaml.safe_load(path.read_text())
             name = body["metadata"]["name"]
             kube.apply(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}", body)
-            harness.wait_for(lambda name=name: crd_established(kube, name), 30, f"{name}")
+            wait_until(lambda name=name: crd_established(kube, name), 30, f"{name} established")
         kube.expect(
             "POST",
             "/api/v1/namespaces",
@@ -65,7 +65,7 @@ def api(
 
 def resource_body(name: str) -> dict[str, Any]:
     return {
-        "apiVersion": f"{harness.GROUP}/{harness.VERSION}",
+        "apiVersion": f"{e2e.GROUP}/{e2e.VERSION}",
         "kind": "DeepSecurityManager",
         "metadata": {"name": name, "namespace": NAMESPACE},
         "spec": {
@@ -81,7 +81,7 @@ def resource_body(name: str) -> dict[str, Any]:
 def create_resource(api: KubeApi, name: str) -> tuple[ManagerSpec, Owner]:
     body = api.expect(
         "POST",
-        f"/apis/{harness.GROUP}/{harness.VERSION}/namespaces/{NAMESPACE}/{harness.PLURAL}",
+        f"/apis/{e2e.GROUP}/{e2e.VERSION}/namespaces/{NAMESPACE}/{e2e.PLURAL}",
         resource_body(name),
     )
     owner = Owner(name=name, namespace=NAMESPACE, uid=body["metadata"]["uid"])
@@ -157,7 +157,7 @@ def test_the_operator_creates_them_when_the_api_exists(api: KubeApi, tmp_path: P
             ok=(201, 409),
         )
     spec, owner = create_resource(api, "mgr")
-    operator = harness.OperatorProcess(
+    operator = e2e.OperatorProcess(
         api.kubeconfig_path,  # type: ignore[attr-defined]
         NAMESPACE,
         tmp_path / "operator.log",
@@ -166,11 +166,9 @@ def test_the_operator_creates_them_when_the_api_exists(api: KubeApi, tmp_path: P
         sm_path = (
             f"/apis/{SM[0]}/namespaces/{NAMESPACE}/{SM[1]}/{names.service_monitor_name('mgr')}"
         )
-        stored = harness.wait_for(
-            lambda: api.get(sm_path), 60, "the ServiceMonitor", operator.log_tail
-        )
+        stored = wait_until(lambda: api.get(sm_path), 60, "the ServiceMonitor", operator.log_tail)
         pr_path = sm_path.replace(SM[1], PR[1])
-        stored_rule = harness.wait_for(
+        stored_rule = wait_until(
             lambda: api.get(pr_path), 60, "the PrometheusRule", operator.log_tail
         )
     finally:

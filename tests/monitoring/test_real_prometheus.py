@@ -22,9 +22,10 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.monitoring import tools
-from tests.monitoring.prometheus import PrometheusServer, TestCA
-from tests.support.nodes import NodeProcess, set_settings, wait_until
+from tests.support import pki, prometheus
+from tests.support.nodes import NodeProcess, set_settings
+from tests.support.prometheus import PrometheusServer
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -33,13 +34,13 @@ SKEWED = "mgr-1"  # its clock runs 120 s ahead: Manager Time Out of Sync
 
 
 def dashboard_targets() -> list[tuple[str, str]]:
-    dash = json.loads(tools.DASHBOARD.read_text())
+    dash = json.loads(prometheus.DASHBOARD.read_text())
     return [(p["title"], t["expr"]) for p in dash["panels"] for t in p["targets"]]
 
 
 def short_rules(directory: Path) -> Path:
-    text = re.sub(r"(?m)^(\s+for: ).*$", r"\g<1>2s", tools.RULES.read_text())
-    assert text != tools.RULES.read_text()
+    text = re.sub(r"(?m)^(\s+for: ).*$", r"\g<1>2s", prometheus.RULES.read_text())
+    assert text != prometheus.RULES.read_text()
     path = directory / "rules.yaml"
     path.write_text(text)
     return path
@@ -47,19 +48,24 @@ def short_rules(directory: Path) -> Path:
 
 @pytest.fixture
 def scraped_cluster(
-    prometheus_tools: tools.Tools,
+    prometheus_tools: prometheus.Tools,
     database_url: str,
     tmp_path: Path,
     request: pytest.FixtureRequest,
 ) -> Iterator[tuple[dict[str, NodeProcess], PrometheusServer]]:
     set_settings(database_url, heartbeat_interval_seconds=1, offline_threshold_seconds=10)
-    ca = TestCA(tmp_path / "pki")
+    pki_dir = tmp_path / "pki"
+    pki_dir.mkdir()
+    ca = pki.CertificateAuthority("dsm-test-node-ca")
+    ca_file = pki_dir / "ca.crt"
+    ca_file.write_bytes(ca.cert_pem)
     nodes: dict[str, NodeProcess] = {}
     server = PrometheusServer(prometheus_tools.prometheus, tmp_path / "prometheus")
     try:
         for name in NODES:  # one at a time, as the product requires
             node = NodeProcess(name, database_url, tmp_path / f"{name}.log")
-            cert, key = ca.issue(name, node.address)
+            issued = ca.issue(name, dns=[name], ips=[node.address])
+            cert, key = issued.write(pki_dir / f"{name}.crt", pki_dir / f"{name}.key")
             node.env_extra = {
                 "DSM_TLS_CERT_FILE": str(cert),
                 "DSM_TLS_KEY_FILE": str(key),
@@ -74,7 +80,7 @@ def scraped_cluster(
                     "job_name": "dsm",
                     "scheme": "https",
                     # The nodes' CA, and each target's own IP in its certificate: verified.
-                    "tls_config": {"ca_file": str(ca.cert_file)},
+                    "tls_config": {"ca_file": str(ca_file)},
                     "static_configs": [
                         # `pod`: the label a ServiceMonitor gives each target (the dashboard's node)
                         {"targets": [f"{n.address}:{n.port}"], "labels": {"pod": name}}
@@ -88,7 +94,7 @@ def scraped_cluster(
     finally:
         server.stop()
         for n in nodes.values():
-            if n.proc is not None and n.proc.poll() is None:
+            if n.child is not None:
                 n.kill()
         rep = getattr(request.node, "rep_call", None)
         if rep is not None and rep.failed:
@@ -160,7 +166,7 @@ def test_dashboard_and_alerts_on_a_real_prometheus(
     assert server.query('count by (__name__) ({__name__=~".+_created"})') == []
 
     # Every alert expression evaluates against the real data; the rule engine loaded them all.
-    rules = yaml.safe_load(tools.RULES.read_text())["groups"]
+    rules = yaml.safe_load(prometheus.RULES.read_text())["groups"]
     alerts = {r["alert"]: r["expr"] for g in rules for r in g["rules"]}
     results = {name: server.query(expr) for name, expr in alerts.items()}
     wait_until(

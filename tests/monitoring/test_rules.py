@@ -1,6 +1,10 @@
 """The alert rules (monitoring/prometheus-rules.yaml): valid for promtool, unit-tested by promtool
 for every alert firing and not firing, and each with a summary, a description and a runbook that
-exists in docs/runbooks.md."""
+exists in docs/runbooks.md. The operator ships the same file and narrows every selector to one
+DeepSecurityManager: the narrowed rules pass promtool too and alert on their own cluster only.
+
+No marker: promtool is a program ``make test`` builds (hack/prometheus/build.sh); without it these
+tests skip with one reason (fail with ``CI=true``)."""
 
 from __future__ import annotations
 
@@ -10,46 +14,48 @@ from typing import Any
 
 import yaml
 
-from tests.monitoring import tools
+from tests.support import prometheus
 
 RUNBOOK_PREFIX = "https://github.com/dsm-dev/dsm/blob/main/docs/runbooks.md#"
 
 
 def alerts() -> list[dict[str, Any]]:
-    groups = yaml.safe_load(tools.RULES.read_text())["groups"]
+    groups = yaml.safe_load(prometheus.RULES.read_text())["groups"]
     return [rule for group in groups for rule in group["rules"] if "alert" in rule]
 
 
-def promtool(prometheus_tools: tools.Tools, *args: str) -> subprocess.CompletedProcess[str]:
+def promtool(prometheus_tools: prometheus.Tools, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(prometheus_tools.promtool), *args],
         capture_output=True,
         text=True,
-        cwd=tools.REPO,
+        cwd=prometheus.REPO,
         timeout=120,
     )
 
 
-def test_the_rule_file_passes_promtool_check(prometheus_tools: tools.Tools) -> None:
-    result = promtool(prometheus_tools, "check", "rules", "--lint=all", str(tools.RULES))
+def test_the_rule_file_passes_promtool_check(prometheus_tools: prometheus.Tools) -> None:
+    result = promtool(prometheus_tools, "check", "rules", "--lint=all", str(prometheus.RULES))
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(alerts())} rules found" in result.stdout
 
 
-def test_the_promtool_unit_tests_pass(prometheus_tools: tools.Tools) -> None:
-    result = promtool(prometheus_tools, "test", "rules", str(tools.RULE_TESTS))
+def test_the_promtool_unit_tests_pass(prometheus_tools: prometheus.Tools) -> None:
+    result = promtool(prometheus_tools, "test", "rules", str(prometheus.RULE_TESTS))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_the_promtool_unit_tests_can_fail(prometheus_tools: tools.Tools, tmp_path: Any) -> None:
+def test_the_promtool_unit_tests_can_fail(
+    prometheus_tools: prometheus.Tools, tmp_path: Any
+) -> None:
     """The same tests against rules with one threshold changed: promtool must report it."""
     broken = tmp_path / "prometheus-rules.yaml"
-    text = tools.RULES.read_text()
+    text = prometheus.RULES.read_text()
     assert "for: 30m" in text
     broken.write_text(text.replace("for: 30m", "for: 20m"))
     tests_dir = tmp_path / "tests"
     tests_dir.mkdir()
-    (tests_dir / "rules-test.yaml").write_text(tools.RULE_TESTS.read_text())
+    (tests_dir / "rules-test.yaml").write_text(prometheus.RULE_TESTS.read_text())
     result = promtool(prometheus_tools, "test", "rules", str(tests_dir / "rules-test.yaml"))
     assert result.returncode != 0
     assert "DsmNodeUpgradeRequired" in result.stdout + result.stderr
@@ -58,7 +64,7 @@ def test_the_promtool_unit_tests_can_fail(prometheus_tools: tools.Tools, tmp_pat
 def test_every_alert_is_unit_tested_firing_and_not_firing() -> None:
     cases = [
         case
-        for test in yaml.safe_load(tools.RULE_TESTS.read_text())["tests"]
+        for test in yaml.safe_load(prometheus.RULE_TESTS.read_text())["tests"]
         for case in test.get("alert_rule_test", [])
     ]
     for rule in alerts():
@@ -70,7 +76,7 @@ def test_every_alert_is_unit_tested_firing_and_not_firing() -> None:
 def runbook_anchors() -> set[str]:
     """GitHub's anchors of the runbook's headings (lowercase, spaces to dashes, no punctuation)."""
     anchors = set()
-    for line in tools.RUNBOOKS.read_text().splitlines():
+    for line in prometheus.RUNBOOKS.read_text().splitlines():
         if m := re.match(r"^#{2,3} (.+)$", line):
             anchors.add(re.sub(r"[^a-z0-9 -]", "", m.group(1).lower()).replace(" ", "-"))
     return anchors
@@ -99,11 +105,13 @@ def test_every_selector_is_written_with_braces() -> None:
 
 # --- the operator's PrometheusRule: the same rules, narrowed to one resource -----------------
 
-OPERATOR_COPY = tools.REPO / "operator" / "dsm_operator" / "reconcile" / "prometheus-rules.yaml"
+OPERATOR_COPY = (
+    prometheus.REPO / "operator" / "dsm_operator" / "reconcile" / "prometheus-rules.yaml"
+)
 
 
 def test_the_operator_ships_the_same_rules() -> None:
-    assert OPERATOR_COPY.read_text() == tools.RULES.read_text(), (
+    assert OPERATOR_COPY.read_text() == prometheus.RULES.read_text(), (
         "copy monitoring/prometheus-rules.yaml to operator/dsm_operator/reconcile/"
     )
 
@@ -134,7 +142,7 @@ def test_narrowing_puts_the_resource_in_every_selector() -> None:
 
 
 def test_the_narrowed_rules_pass_promtool_check(
-    prometheus_tools: tools.Tools, tmp_path: Any
+    prometheus_tools: prometheus.Tools, tmp_path: Any
 ) -> None:
     rules = narrowed_rule_file(tmp_path / "narrowed.yaml")
     result = promtool(prometheus_tools, "check", "rules", "--lint=all", str(rules))
@@ -142,7 +150,7 @@ def test_the_narrowed_rules_pass_promtool_check(
 
 
 def test_a_narrowed_rule_alerts_on_its_own_cluster_only(
-    prometheus_tools: tools.Tools, tmp_path: Any
+    prometheus_tools: prometheus.Tools, tmp_path: Any
 ) -> None:
     """Two clusters (prod/mgr and test/mgr) each with a node offline; the rules of prod/mgr fire
     for prod's node only, and prod's rollout stall only."""

@@ -1,34 +1,25 @@
-"""Shared helpers for the operator's tests.
+"""Fixtures of the operator's cluster-tier tests (``test_cluster_*.py``, marked ``cluster``):
+the CRD installed, the environment of an in-process operator, and the API of one test's
+namespace. The unit tests beside them (``test_operator_*.py``, no marker) need none of this.
 
-Unit tests here are pure and fast (no marker). Cluster-tier tests (``test_cluster_*.py``, marked
-``cluster``) use the control-plane fixtures from tests/cluster/plugin.py, registered below the
-same way tests/cluster/conftest.py does it, so ``pytest tests/operator`` works on its own.
+The control-plane fixtures come from tests/k8s/plugin.py (registered by tests/conftest.py); what
+the tests ask of the API is tests/support/operator.py.
 """
 
 from __future__ import annotations
 
 import gc
-import sys
-import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.support.loopback import free_port
+from tests.support.operator import Api
+from tests.support.waiting import wait_until
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.pluginmanager.import_plugin("tests.cluster.plugin")
-
-
-# --- cluster-tier helpers (only used by test_cluster_*.py) ------------------------------------
-
-CRD_FILE = REPO_ROOT / "crds" / "deepsecuritymanagers.yaml"
+CRD_FILE = Path(__file__).resolve().parents[2] / "crds" / "deepsecuritymanagers.yaml"
 
 
 @pytest.fixture(scope="session")
@@ -44,19 +35,22 @@ def dsm_crd(k8s_control_plane: Any) -> str:
         crds, body=body, name=body["metadata"]["name"], field_manager="tests", force_conflicts=True
     )
     ext = client.ApiextensionsV1Api(k8s_control_plane.api_client)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        crd = ext.read_custom_resource_definition(body["metadata"]["name"])
-        if any(c.type == "Established" and c.status == "True" for c in crd.status.conditions or ()):
-            return str(body["metadata"]["name"])
-        time.sleep(0.2)
-    raise TimeoutError("the DeepSecurityManager CRD was not Established in 30 s")
+    name = str(body["metadata"]["name"])
+
+    def established() -> bool:
+        crd = ext.read_custom_resource_definition(name)
+        return any(
+            c.type == "Established" and c.status == "True" for c in crd.status.conditions or ()
+        )
+
+    wait_until(established, 30, "the DeepSecurityManager CRD Established")
+    return name
 
 
 @pytest.fixture
 def operator_env(monkeypatch: pytest.MonkeyPatch, k8s_workloads: Any) -> int:
     """Environment of an in-process operator; returns its metrics port."""
-    port = _free_port()
+    port = free_port()
     monkeypatch.setenv("KUBECONFIG", str(k8s_workloads.kubeconfig))
     monkeypatch.setenv("DSM_OPERATOR_RECONCILE_INTERVAL_SECONDS", "1")
     monkeypatch.setenv("DSM_OPERATOR_NODE_API_ENABLED", "false")
@@ -83,13 +77,5 @@ def collect_operator_leftovers() -> Iterator[None]:
 
 
 @pytest.fixture
-def api(k8s_workloads: Any, k8s_namespace: str, dsm_crd: str) -> Any:
-    from tests.operator.clusterkit import Api
-
+def api(k8s_workloads: Any, k8s_namespace: str, dsm_crd: str) -> Api:
     return Api(k8s_workloads.api_client, k8s_namespace)
-
-
-def _free_port() -> int:
-    from tests.cluster import controlplane
-
-    return controlplane.free_port()

@@ -5,15 +5,14 @@ the real control plane and check the operator's ServiceAccount may do everything
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from tests.support.operator import CHART, install_namespaced_chart
 
 pytestmark = pytest.mark.cluster
 
-CHART = Path(__file__).resolve().parents[2] / "helm" / "dsm-operator"
 
 # What the operator does in a namespace it serves (see gateways/kubeapi.py and driving.py).
 NEEDED = [
@@ -204,18 +203,7 @@ def test_installed_namespaced_operator_is_confined(
     k8s_control_plane: Any, k8s_namespace: str, dsm_crd: str
 ) -> None:
     release = "opns"
-    k8s_control_plane.helm(
-        "install",
-        release,
-        str(CHART),
-        "-n",
-        k8s_namespace,
-        "--skip-crds",
-        "--set",
-        "rbac.clusterWide=false",
-        "--set",
-        f"watch.namespaces={{{k8s_namespace}}}",
-    )
+    install_namespaced_chart(k8s_control_plane, release, k8s_namespace)
     try:
         sa = f"system:serviceaccount:{k8s_namespace}:{release}-dsm-operator"
         missing = [

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 from kubernetes.client import ApiException
-from tests.operator.clusterkit import manager_body
+from tests.support.operator import manager_body
 
 pytestmark = pytest.mark.cluster
 

@@ -18,13 +18,18 @@ from typing import Any
 import pytest
 import yaml
 from kubernetes import client
-from tests.operator.clusterkit import Api, manager_body, running_operator, wait_for
+from tests.support.operator import (
+    Api,
+    install_namespaced_chart,
+    manager_body,
+    running_operator,
+)
+from tests.support.waiting import wait_until
 
 from dsm_operator.reconcile import names
 
 pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("collect_operator_leftovers")]
 
-CHART = Path(__file__).resolve().parents[2] / "helm" / "dsm-operator"
 FOREIGN_LABELS = {"app": "users-own"}
 
 
@@ -149,10 +154,10 @@ def test_an_object_that_is_not_ours_is_never_taken_over(
     before = _read(api, kind, name)
     api.create(manager_body(nodes=1))
     with running_operator(k8s_namespace):
-        wait_for(
+        wait_until(
             lambda: api.condition("Degraded").get("reason") == "OwnershipConflict",
             60,
-            what="Degraded OwnershipConflict",
+            "Degraded OwnershipConflict",
         )
         degraded = api.condition("Degraded")
         assert f"{kind} {name}" in degraded["message"], degraded
@@ -174,7 +179,7 @@ def test_an_object_that_is_not_ours_is_never_taken_over(
             "Secret": api.core.delete_namespaced_secret,
         }[kind]
         delete(name, k8s_namespace)
-        wait_for(lambda: api.ready(1), 90, what="Ready once the name is free")
+        wait_until(lambda: api.ready(1), 90, "Ready once the name is free")
         assert api.condition("Degraded")["status"] == "False"
         owner_uid = api.get()["metadata"]["uid"]
         assert _read(api, kind, name).metadata.owner_references[0].uid == owner_uid
@@ -188,11 +193,11 @@ def test_switching_a_child_off_deletes_only_what_is_ours(
     api.secrets()
     api.create(manager_body(nodes=1))
     with running_operator(k8s_namespace):
-        wait_for(lambda: api.ready(1), 60, what="Ready")
+        wait_until(lambda: api.ready(1), 60, "Ready")
         api.patch_spec(
             {"podDisruptionBudget": {"enabled": False}, "loadBalancer": {"enabled": False}}
         )
-        wait_for(
+        wait_until(
             lambda: (
                 not api.policy.list_namespaced_pod_disruption_budget(k8s_namespace).items
                 and "mgr-lb"
@@ -201,20 +206,25 @@ def test_switching_a_child_off_deletes_only_what_is_ours(
                 }
             ),
             60,
-            what="the operator's PDB and load balancer Service deleted",
+            "the operator's PDB and load balancer Service deleted",
         )
         assert [r for r, _ in api.events()].count("ChildDeleted") == 2
         # Now the names are free and a user takes them: they stay.
         _foreign_pdb(api, "mgr")
         _foreign_service(api, "mgr-lb")
         api.patch_spec({"podAnnotations": {"example.com/touch": "1"}})  # a few more passes
-        wait_for(lambda: api.ready(1) and api.get()["status"]["observedGeneration"] == 3, 60)
+        wait_until(
+            lambda: api.ready(1) and api.get()["status"]["observedGeneration"] == 3,
+            60,
+            "Ready at generation 3",
+        )
         for _ in range(3):
             generation = api.get()["metadata"]["generation"]
             api.patch_spec({"podAnnotations": {"example.com/touch": str(generation)}})
-            wait_for(
+            wait_until(
                 lambda g=generation + 1: api.get()["status"]["observedGeneration"] == g,
                 60,
+                f"generation {generation + 1} observed",
             )
     _read(api, "PodDisruptionBudget", "mgr")
     _read(api, "Service", "mgr-lb")
@@ -299,7 +309,7 @@ def test_a_refused_write_shows_in_the_status(
     api.secrets()
     api.create(manager_body(nodes=1))
     with running_operator(k8s_namespace):
-        wait_for(lambda: api.ready(1), 60, what="Ready")
+        wait_until(lambda: api.ready(1), 60, "Ready")
         refusing_policy()
         api.patch_spec({"podAnnotations": {"example.com/new": "value"}})
         generation = api.get()["metadata"]["generation"]
@@ -313,7 +323,7 @@ def test_a_refused_write_shows_in_the_status(
                 and degraded.get("observedGeneration") == generation
             )
 
-        wait_for(reported, 60, what="Degraded ApplyFailed for this generation")
+        wait_until(reported, 60, "Degraded ApplyFailed for this generation")
         degraded = api.condition("Degraded")
         assert degraded["status"] == "True"
         assert "StatefulSet mgr" in degraded["message"]
@@ -322,10 +332,10 @@ def test_a_refused_write_shows_in_the_status(
         assert ready["status"] == "False" and ready["reason"] == "ApplyFailed"
         assert "ApplyFailed" in [r for r, _ in api.events()]
         refusing_policy.remove()
-        wait_for(
+        wait_until(
             lambda: api.ready(1) and api.condition("Degraded")["status"] == "False",
             60,
-            what="recovered once the policy is gone",
+            "recovered once the policy is gone",
         )
         sts = api.apps.read_namespaced_stateful_set("mgr", k8s_namespace)
         assert sts.spec.template.metadata.annotations["example.com/new"] == "value"
@@ -367,18 +377,7 @@ def test_the_operator_works_under_the_charts_service_account(
     """The chart's RBAC, nothing more, with OwnerReferencesPermissionEnforcement on: children
     carry blockOwnerDeletion, which needs update on deepsecuritymanagers/finalizers."""
     release = "own"
-    k8s_workloads.helm(
-        "install",
-        release,
-        str(CHART),
-        "-n",
-        k8s_namespace,
-        "--skip-crds",
-        "--set",
-        "rbac.clusterWide=false",
-        "--set",
-        f"watch.namespaces={{{k8s_namespace}}}",
-    )
+    install_namespaced_chart(k8s_workloads, release, k8s_namespace)
     try:
         sa = f"{release}-dsm-operator"
         token = api.core.create_namespaced_service_account_token(
@@ -390,7 +389,7 @@ def test_the_operator_works_under_the_charts_service_account(
         api.create(manager_body(nodes=2))
         with running_operator(k8s_namespace):
             try:
-                wait_for(lambda: api.ready(2), 90, what="two nodes under the chart's account")
+                wait_until(lambda: api.ready(2), 90, "two nodes under the chart's account")
             except AssertionError as exc:
                 raise AssertionError(f"{exc}; conditions: {api.get().get('status')}") from None
         sts = api.apps.read_namespaced_stateful_set("mgr", k8s_namespace)

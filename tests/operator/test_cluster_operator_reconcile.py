@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 from kubernetes import client
-from tests.cluster.podwatch import PodEvents
-from tests.operator.clusterkit import (
+from tests.k8s.podwatch import PodEvents
+from tests.support.operator import (
     GROUP,
     PLURAL,
     VERSION,
@@ -28,8 +28,8 @@ from tests.operator.clusterkit import (
     manager_body,
     operator_deletions,
     running_operator,
-    wait_for,
 )
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("collect_operator_leftovers")]
 
@@ -82,7 +82,7 @@ def test_applying_a_resource_creates_the_children(
     api.secrets()
     api.create(manager_body(nodes=1))
     with running_operator(k8s_namespace):
-        wait_for(lambda: api.ready(1, "20.0.1"), 60, what="Ready with one node")
+        wait_until(lambda: api.ready(1, "20.0.1"), 60, "Ready with one node")
         sts = api.apps.read_namespaced_stateful_set("mgr", k8s_namespace)
         assert sts.spec.pod_management_policy == "Parallel"
         assert sts.spec.update_strategy.type == "OnDelete"
@@ -113,13 +113,13 @@ def test_applying_a_resource_creates_the_children(
         assert meta["finalizers"] == ["operator.security.dsm.dev/finalizer"]
         # kopf stores it once the create handler is done, which may be after a timer's pass
         # (they share one lock per resource) has already made the resource Ready.
-        wait_for(
+        wait_until(
             lambda: (
                 "operator.security.dsm.dev/last-handled-configuration"
                 in (api.get()["metadata"].get("annotations") or {})
             ),
             30,
-            what="kopf's last-handled-configuration annotation",
+            "kopf's last-handled-configuration annotation",
         )
         reasons = {r for r, _ in api.events()}
         assert {"ApiKeyCreated", "Created"} <= reasons
@@ -143,9 +143,17 @@ def test_applying_a_resource_creates_the_children(
         assert managers == [("dsm-operator", "Apply")], sts.metadata.managed_fields
         # So a field the spec stops asking for goes away.
         api.patch_spec({"podAnnotations": {"example.com/temporary": "yes"}})
-        wait_for(lambda: "example.com/temporary" in _template_annotations(api), 30)
+        wait_until(
+            lambda: "example.com/temporary" in _template_annotations(api),
+            30,
+            "the annotation in the pod template",
+        )
         api.patch_spec({"podAnnotations": None})
-        wait_for(lambda: "example.com/temporary" not in _template_annotations(api), 30)
+        wait_until(
+            lambda: "example.com/temporary" not in _template_annotations(api),
+            30,
+            "the annotation gone from the pod template",
+        )
 
 
 def test_scale_up_and_down_one_node_at_a_time(
@@ -156,13 +164,13 @@ def test_scale_up_and_down_one_node_at_a_time(
     log = PodLog(k8s_workloads.api_client, k8s_namespace)
     try:
         with running_operator(k8s_namespace):
-            wait_for(lambda: api.ready(1), 60, what="one node")
+            wait_until(lambda: api.ready(1), 60, "one node")
             api.patch_spec({"nodes": 4})
-            wait_for(lambda: api.ready(4), 90, what="four nodes")
+            wait_until(lambda: api.ready(4), 90, "four nodes")
             assert log.created() == ["mgr-0", "mgr-1", "mgr-2", "mgr-3"]
             assert log.starts_while_others_unready() == []
             api.patch_spec({"nodes": 2})
-            wait_for(lambda: api.ready(2) and len(api.pods()) == 2, 90, what="two nodes")
+            wait_until(lambda: api.ready(2) and len(api.pods()) == 2, 90, "two nodes")
             # The StatefulSet controller removed them (replicas lowered one at a time).
             assert log.deleted() == ["mgr-3", "mgr-2"]
     finally:
@@ -179,12 +187,12 @@ def test_version_change_replaces_one_pod_at_a_time(
     api.secrets()
     api.create(manager_body(nodes=3))
     with running_operator(k8s_namespace):
-        wait_for(lambda: api.ready(3, "20.0.1"), 90, what="three nodes")
+        wait_until(lambda: api.ready(3, "20.0.1"), 90, "three nodes")
         old = api.uids()
         log = PodLog(k8s_workloads.api_client, k8s_namespace)
         try:
             api.patch_spec({"version": "20.1.0"})
-            wait_for(lambda: api.ready(3, "20.1.0"), 120, what="upgraded")
+            wait_until(lambda: api.ready(3, "20.1.0"), 120, "upgraded")
         finally:
             log.stop()
     assert_deleted_exactly(
@@ -209,19 +217,19 @@ def test_operator_restart_in_the_middle_of_an_upgrade_resumes(
     api.secrets()
     api.create(manager_body(nodes=3))
     with running_operator(k8s_namespace):
-        wait_for(lambda: api.ready(3, "20.0.1"), 90, what="three nodes")
+        wait_until(lambda: api.ready(3, "20.0.1"), 90, "three nodes")
         old = api.uids()
         api.patch_spec({"version": "20.1.0"})
-        wait_for(
+        wait_until(
             lambda: (api.get()["status"].get("rollout") or {}).get("lastReplacedPod"),
             60,
-            what="the first replacement",
+            "the first replacement",
         )
     # The operator is gone mid-rollout.
     started = api.get()["status"]["rollout"]["startedAt"]
     assert api.get()["status"]["rollout"]["state"] == "InProgress"
     with running_operator(k8s_namespace):
-        wait_for(lambda: api.ready(3, "20.1.0"), 120, what="upgrade resumed and completed")
+        wait_until(lambda: api.ready(3, "20.1.0"), 120, "upgrade resumed and completed")
     rollout = api.get()["status"]["rollout"]
     assert rollout["startedAt"] == started
     assert rollout["state"] == "Complete"
@@ -238,22 +246,22 @@ def test_secret_change_rolls_the_pods_and_nothing_else_does(
     api.secrets()
     api.create(manager_body(nodes=2))
     with running_operator(k8s_namespace):
-        wait_for(lambda: api.ready(2), 90, what="two nodes")
+        wait_until(lambda: api.ready(2), 90, "two nodes")
         uids = {p.metadata.uid for p in api.pods()}
         # Unrelated key in the same Secret: no roll.
         api.core.patch_namespaced_secret(
             "dsm-db", k8s_namespace, {"stringData": {"comment": "not read by the pods"}}
         )
         api.patch_spec({"paused": False, "podAnnotations": None})
-        wait_for(lambda: api.ready(2), 30)
+        wait_until(lambda: api.ready(2), 30, "two nodes still Ready")
         assert {p.metadata.uid for p in api.pods()} == uids
         api.core.patch_namespaced_secret(
             "dsm-db", k8s_namespace, {"stringData": {"url": "postgresql://u:p@127.0.0.1:5433/dsm"}}
         )
-        wait_for(
+        wait_until(
             lambda: api.ready(2) and not ({p.metadata.uid for p in api.pods()} & uids),
             90,
-            what="both pods replaced",
+            "both pods replaced",
         )
 
 
@@ -262,15 +270,15 @@ def test_missing_secret_is_reported_then_recovers(
 ) -> None:
     api.create(manager_body(nodes=1))
     with running_operator(k8s_namespace):
-        wait_for(
+        wait_until(
             lambda: api.condition("Degraded").get("reason") == "SecretNotFound",
             60,
-            what="Degraded SecretNotFound",
+            "Degraded SecretNotFound",
         )
         assert "dsm-db" in api.condition("Degraded")["message"]
         assert api.condition("Ready")["status"] == "False"
         api.secrets()
-        wait_for(lambda: api.ready(1), 60, what="recovered")
+        wait_until(lambda: api.ready(1), 60, "recovered")
         assert api.condition("Degraded")["status"] == "False"
 
 
@@ -278,12 +286,14 @@ def test_paused_takes_no_action(api: Api, operator_env: int, k8s_namespace: str)
     api.secrets()
     api.create(manager_body(nodes=1))
     with running_operator(k8s_namespace):
-        wait_for(lambda: api.ready(1), 60, what="one node")
+        wait_until(lambda: api.ready(1), 60, "one node")
         api.patch_spec({"paused": True, "nodes": 3})
-        wait_for(lambda: api.condition("Progressing").get("reason") == "Paused", 30)
+        wait_until(
+            lambda: api.condition("Progressing").get("reason") == "Paused", 30, "Progressing Paused"
+        )
         assert len(api.pods()) == 1
         api.patch_spec({"paused": False})
-        wait_for(lambda: api.ready(3), 90, what="three nodes after unpausing")
+        wait_until(lambda: api.ready(3), 90, "three nodes after unpausing")
 
 
 def test_deleting_the_resource_removes_children_and_keeps_secrets(
@@ -292,7 +302,7 @@ def test_deleting_the_resource_removes_children_and_keeps_secrets(
     api.secrets()
     api.create(manager_body(nodes=2))
     with running_operator(k8s_namespace):
-        wait_for(lambda: api.ready(2), 90, what="two nodes")
+        wait_until(lambda: api.ready(2), 90, "two nodes")
         api.custom.delete_namespaced_custom_object(GROUP, VERSION, k8s_namespace, PLURAL, "mgr")
 
         def gone() -> bool:
@@ -306,17 +316,17 @@ def test_deleting_the_resource_removes_children_and_keeps_secrets(
                 or api.policy.list_namespaced_pod_disruption_budget(k8s_namespace).items
             )
 
-        wait_for(gone, 60, what="children garbage-collected")
-        wait_for(lambda: not api.pods(), 60, what="pods gone")
+        wait_until(gone, 60, "children garbage-collected")
+        wait_until(lambda: not api.pods(), 60, "pods gone")
     names = {s.metadata.name for s in api.core.list_namespaced_secret(k8s_namespace).items}
     assert {"dsm-db", "dsm-master-key"} <= names
-    wait_for(
+    wait_until(
         lambda: (
             "mgr-api-key"
             not in {s.metadata.name for s in api.core.list_namespaced_secret(k8s_namespace).items}
         ),
         30,
-        what="the operator-managed API key Secret garbage-collected",
+        "the operator-managed API key Secret garbage-collected",
     )
 
 
@@ -330,15 +340,15 @@ def test_a_version_that_never_gets_ready_stops_the_rollout(
     api.secrets()
     api.create(manager_body(nodes=3, nodeReadyTimeoutSeconds=60))
     with running_operator(k8s_namespace):
-        wait_for(lambda: api.ready(3, "20.0.1"), 90, what="three nodes")
+        wait_until(lambda: api.ready(3, "20.0.1"), 90, "three nodes")
         old = api.uids()
         api.patch_spec(
             {"version": "20.1.0", "scheduling": {"nodeSelector": {"dsm.test/none": "x"}}}
         )
-        wait_for(
+        wait_until(
             lambda: api.condition("Degraded").get("reason") == "RolloutStalled",
             150,
-            what="Degraded RolloutStalled",
+            "Degraded RolloutStalled",
         )
         # The operator replaced mgr-0 and touched nothing else.
         assert_deleted_exactly(
@@ -355,17 +365,21 @@ def test_a_version_that_never_gets_ready_stops_the_rollout(
         generation = api.get()["metadata"]["generation"]
         # The pass that records this generation is the one that planned with nodes: 2 (the
         # status is written after the action), so what it did is visible once it is recorded.
-        wait_for(lambda: api.get()["status"]["observedGeneration"] == generation, 60)
+        wait_until(
+            lambda: api.get()["status"]["observedGeneration"] == generation,
+            60,
+            f"generation {generation} observed",
+        )
         assert api.apps.read_namespaced_stateful_set("mgr", k8s_namespace).spec.replicas == 3
         assert api.condition("Degraded")["reason"] == "RolloutStalled"
         assert sorted(api.uids()) == ["mgr-0", "mgr-1", "mgr-2"]
         # Revert: the broken pod is the outdated one now and is replaced first; then the
         # scale-down proceeds.
         api.patch_spec({"version": "20.0.1", "scheduling": None})  # merge patch: null removes
-        wait_for(
+        wait_until(
             lambda: api.ready(2, "20.0.1") and len(api.pods()) == 2,
             120,
-            what="recovered after the revert, then scaled down",
+            "recovered after the revert, then scaled down",
         )
         assert api.condition("Degraded")["status"] == "False"
         # The revert replaced the broken mgr-0 once more, and still nothing else.

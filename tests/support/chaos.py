@@ -47,8 +47,10 @@ from typing import Any
 
 from dsm_node.embedded_pg import EmbeddedPostgres
 from tests.support.effects import prepare
-from tests.support.nodes import Cluster, NodeProcess, next_address, query, wait_until
+from tests.support.loopback import next_address
+from tests.support.nodes import Cluster, NodeProcess, query
 from tests.support.tcpproxy import Proxy
+from tests.support.waiting import wait_until
 
 KINDS = (
     "sigkill",

@@ -1,4 +1,8 @@
-"""The ``dsm`` command as a user runs it: a subprocess, with its own state directory."""
+"""The ``dsm`` command as a user runs it: a subprocess, with its own state directory.
+
+Offers :func:`dsm` (run ``dsm ARGS`` to completion), :class:`DsmUp` (``dsm up`` in the background,
+its output collected line by line, its nodes cleaned up) and :func:`env_for` (the environment both
+use: this checkout on ``PYTHONPATH``, no connection settings leaking in from the caller's)."""
 
 from __future__ import annotations
 
@@ -13,7 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.support.nodes import REPO, wait_until
+from tests.support.nodes import REPO
+from tests.support.waiting import wait_until
 
 
 def env_for(state: Path, **extra: str) -> dict[str, str]:

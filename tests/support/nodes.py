@@ -1,37 +1,40 @@
-"""Real node processes for tests: each a ``dsm node run`` child on its own 127.x address."""
+"""Real node processes for tests: the one node launcher.
+
+Offers :class:`NodeProcess` (one ``dsm node run`` child on a loopback address of its own, with its
+own log file; its HTTPS API called with the bootstrap API key), :class:`Cluster` (nodes started
+one at a time and always cleaned up; the ``dsm_cluster`` fixture of tests/conftest.py hands one
+to a test), and two database shortcuts every node test needs: :func:`query` and
+:func:`set_settings` (the cluster's timing, shortened before the first node joins).
+
+Nodes load the test job types (``tests.support.jobtypes``) and trust one local secret and one
+bootstrap API key (:data:`LOCAL_SECRET`, :data:`API_KEY`); a test changes any of that through
+``env_extra`` (a value of None removes the variable). No pytest here: ``bench/`` starts its nodes
+with the same launcher.
+"""
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import signal
 import ssl
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psycopg
-import pytest
 
-from dsm_node.embedded_pg import free_port
+from tests.support.loopback import free_port, next_address
+from tests.support.processes import ChildProcess
+from tests.support.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 LOCAL_SECRET = "test-local-secret-shared-by-every-node"
 API_KEY = "test-api-key-0123456789abcdef"
-_hosts = itertools.count(2)
-
-
-def next_address() -> str:
-    """A fresh loopback address per node: 127.0.<pid-derived>.<n>."""
-    n = next(_hosts)
-    return f"127.{(os.getpid() // 250) % 250 + 1}.{n // 250}.{n % 250 + 1}"
 
 
 @dataclass
@@ -39,14 +42,14 @@ class NodeProcess:
     name: str
     database_url: str
     log_path: Path
-    env_extra: dict[str, str] = field(default_factory=dict)
+    env_extra: dict[str, str | None] = field(default_factory=dict)
     address: str = field(default_factory=next_address)
     port: int = 0
-    proc: subprocess.Popen[bytes] | None = None
+    child: ChildProcess | None = None
 
-    def start(self) -> NodeProcess:
-        self.port = self.port or free_port(self.address)
-        env = {
+    def environment(self) -> dict[str, str]:
+        """The node's environment: this process's, the test defaults, then ``env_extra``."""
+        env: dict[str, str | None] = {
             **os.environ,
             "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
             "DSM_DATABASE_URL": self.database_url,
@@ -60,14 +63,22 @@ class NodeProcess:
             "DSM_BOOTSTRAP_API_KEY": API_KEY,
             **self.env_extra,
         }
-        with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dsm_node", "node", "run"],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        return {k: v for k, v in env.items() if v is not None}
+
+    def start(self) -> NodeProcess:
+        self.port = self.port or free_port(self.address)
+        argv = [sys.executable, "-m", "dsm_node", "node", "run"]
+        self.child = ChildProcess(argv, self.log_path, env=self.environment()).start()
         return self
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        return None if self.child is None else self.child.proc
+
+    @property
+    def pid(self) -> int:
+        assert self.child is not None, f"{self.name} was not started"
+        return self.child.pid
 
     @property
     def url(self) -> str:
@@ -106,14 +117,15 @@ class NodeProcess:
                 return e.code, text.decode(errors="replace")
 
     def wait_ready(self, timeout: float = 60) -> NodeProcess:
-        wait_until(lambda: self._ready(), timeout, f"{self.name} ready", self.log_tail)
+        """Until ``/readyz`` answers 200; fails at once, with the log, if the process exits."""
+        wait_until(self._ready, timeout, f"{self.name} ready", self.log_tail)
         return self
 
     def _ready(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
+        assert self.child is not None and self.child.proc is not None
+        if self.child.proc.poll() is not None:
             raise AssertionError(
-                f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}"
+                f"{self.name} exited with {self.child.proc.returncode}:\n{self.log_tail()}"
             )
         try:
             return self.request("GET", "/readyz")[0] == 200
@@ -121,30 +133,25 @@ class NodeProcess:
             return False
 
     def signal(self, sig: signal.Signals) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
+        assert self.child is not None
+        self.child.signal(sig)
 
     def is_stopped(self) -> bool:
         """True while the process is stopped (SIGSTOP, or a fault point stopped it)."""
-        assert self.proc is not None
         try:
-            stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
+            stat = Path(f"/proc/{self.pid}/stat").read_text()
         except FileNotFoundError:
             return False
         return stat.rsplit(")", 1)[1].split()[0] in ("T", "t")
 
     def stop(self, timeout: float = 30) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
-        return self.proc.wait(timeout)
+        """SIGTERM and the exit code; ``subprocess.TimeoutExpired`` if it does not exit."""
+        assert self.child is not None
+        return self.child.terminate(timeout)
 
     def kill(self) -> None:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        assert self.child is not None
+        self.child.kill()
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -153,31 +160,16 @@ class NodeProcess:
         return "\n".join(self.log_text().splitlines()[-n:])
 
 
-def wait_until(
-    cond: Callable[[], Any],
-    timeout: float,
-    what: str,
-    detail: Callable[[], str] | None = None,
-    interval: float = 0.1,
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            extra = ("\n" + detail()) if detail else ""
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}{extra}")
-        time.sleep(interval)
-
-
 def query(url: str, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
+    """Run one statement (autocommit); its rows, or [] for a statement without any."""
     with psycopg.connect(url, autocommit=True) as conn:
         cur = conn.execute(sql, params)
         return cur.fetchall() if cur.description is not None else []
 
 
 def set_settings(url: str, **values: float) -> None:
+    """Store cluster settings (``heartbeat_interval_seconds=0.5``...); a node seeds settings only
+    where none exist, so values stored before the first join are the cluster's."""
     with psycopg.connect(url, autocommit=True) as conn:
         for k, v in values.items():
             conn.execute(
@@ -202,7 +194,7 @@ class Cluster:
             env.pop("database_url", self.database_url),
             # one log per process: a restarted node's log starts empty
             self.log_dir / f"{name}.{sum(p.name == name for p in self.started)}.log",
-            env_extra=env,
+            env_extra=dict(env),
         )
         self.nodes[name] = n
         self.started.append(n)
@@ -211,20 +203,8 @@ class Cluster:
 
     def close(self) -> None:
         for n in self.started:
-            if n.proc is not None and n.proc.poll() is None:
-                n.kill()
+            if n.child is not None:
+                n.child.kill()
 
     def logs(self) -> str:
         return "\n".join(f"--- {name} ---\n{n.log_tail(80)}" for name, n in self.nodes.items())
-
-
-@pytest.fixture
-def dsm_cluster(
-    database_url: str, tmp_path: Path, request: pytest.FixtureRequest
-) -> Iterator[Cluster]:
-    c = Cluster(database_url, tmp_path)
-    yield c
-    c.close()
-    rep = getattr(request.node, "rep_call", None)
-    if rep is not None and rep.failed:
-        print(c.logs())

@@ -1,7 +1,11 @@
 """A real PostgreSQL for the test suite, started once per run; each test gets a fresh database
 cloned from a migrated template (milliseconds, not a migration per test).
 
-Set ``DSM_TEST_DATABASE_URL`` to a superuser URL of an external server to use it instead.
+A pytest plugin (registered by tests/conftest.py) offering the fixtures ``pg_server`` (the
+:class:`Server`: create and drop databases), ``pg_template`` (the migrated template's name),
+``database_url`` (a fresh migrated database per test) and ``empty_database_url`` (one without a
+schema). Set ``DSM_TEST_DATABASE_URL`` to a superuser URL of an external server to use it
+instead.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import socket
 import struct
 import threading
 
-from dsm_node.embedded_pg import free_port
+from tests.support.loopback import free_port
 
 # Stop reading from one side while this much is waiting to be written to the other.
 BUFFER_LIMIT = 1 << 20
@@ -139,8 +139,9 @@ class Proxy:
                 for s in list(peer):
                     interest(s)
             for key, events in sel.select(timeout=0.05):
-                s = key.fileobj
-                assert isinstance(s, socket.socket)
+                ready = key.fileobj
+                assert isinstance(ready, socket.socket)
+                s = ready
                 if s is self._listener:
                     try:
                         client, _ = self._listener.accept()

@@ -9,6 +9,7 @@ import pytest
 
 from dsm_node.cluster.status import NodeStatus
 from dsm_node.console import charts, views
+from dsm_node.jobs.pool import MinuteCount
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -163,12 +164,13 @@ def test_activity_buckets_minutes_by_the_database_clock() -> None:
 
     now = dt.datetime(2026, 5, 1, 12, 30, 41, tzinfo=dt.UTC)
     minute = dt.datetime(2026, 5, 1, 12, 30, tzinfo=dt.UTC)
+    ago = [minute - dt.timedelta(minutes=m) for m in range(61)]
     rows = [
-        {"node": "a", "minute": minute, "jobs": 4},  # this minute: the last bucket
-        {"node": "a", "minute": minute - dt.timedelta(minutes=1), "jobs": 2},
-        {"node": "a", "minute": minute - dt.timedelta(minutes=59), "jobs": 1},  # the first
-        {"node": "a", "minute": minute - dt.timedelta(minutes=60), "jobs": 9},  # too old
-        {"node": "b", "minute": minute - dt.timedelta(minutes=3), "jobs": 5},
+        MinuteCount(1, "a", ago[0], 4),  # this minute: the last bucket
+        MinuteCount(1, "a", ago[1], 2),
+        MinuteCount(1, "a", ago[59], 1),  # the first
+        MinuteCount(1, "a", ago[60], 9),  # too old
+        MinuteCount(2, "b", ago[3], 5),
     ]
     series = views.activity(rows, now)
     assert set(series) == {"a", "b"} and all(len(s) == 60 for s in series.values())

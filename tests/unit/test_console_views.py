@@ -7,35 +7,36 @@ import re
 
 import pytest
 
-from dsm_node.cluster.status import NodeStatus
+from dsm_node.cluster.membership import NodeRecord
+from dsm_node.cluster.status import NodeStatus, StoredStatus
 from dsm_node.console import pages, security, views
+from dsm_node.jobs.pool import JobCount
+from dsm_node.jobs.states import Outcome
 
 T0 = dt.datetime(2026, 5, 1, 19, 40, 12, tzinfo=dt.UTC)
 
 
-def record(name: str, status: str, **extra: object) -> dict[str, object]:
-    return {
-        "id": 1,
-        "name": name,
-        "address": "127.0.0.2",
-        "apiPort": 4119,
-        "version": "0.1.0",
-        "status": status,
-        "statusReason": None,
-        "lastHeartbeat": T0.isoformat(),
-        "secondsSinceHeartbeat": 4.2,
-        "startedAt": T0.isoformat(),
-        "statusChangedAt": T0.isoformat(),
-        "clockSkewSeconds": None,
-        "timeZone": "UTC",
-        **extra,
-    }
+def record(name: str, status: NodeStatus) -> NodeRecord:
+    return NodeRecord(
+        id=1,
+        name=name,
+        address="127.0.0.2",
+        api_port=4119,
+        version="0.1.0",
+        stored_status=StoredStatus.ONLINE,
+        status=status,
+        status_reason="",
+        last_heartbeat=T0,
+        seconds_since_heartbeat=4.2,
+        started_at=T0,
+        status_changed_at=T0,
+        clock_skew_seconds=None,
+        time_zone="UTC",
+    )
 
 
-def test_node_info_from_a_membership_record() -> None:
-    n = views.node_info(record("a", "Offline (Upgrade Required)"))
-    assert n.status is NodeStatus.UPGRADE_REQUIRED
-    assert n.last_heartbeat == T0 and n.api_port == 4119
+def count(node: str, type_: str, outcome: Outcome, jobs: int) -> JobCount:
+    return JobCount(1, node, type_, outcome, jobs)
 
 
 @pytest.mark.parametrize(
@@ -48,7 +49,7 @@ def test_node_info_from_a_membership_record() -> None:
     ],
 )
 def test_decommission_refusal(status: NodeStatus, refused: str | None) -> None:
-    n = views.node_info(record("a", str(status)))
+    n = record("a", status)
     reason = views.decommission_refusal(n)
     assert (reason is None) == (refused is None)
     if refused:
@@ -68,10 +69,10 @@ def test_every_status_has_words_an_icon_and_a_tone() -> None:
 
 def test_job_counts_sum_outcomes_like_the_api() -> None:
     rows = [
-        {"node": "a", "type": "noop", "outcome": "succeeded", "count": 10},
-        {"node": "a", "type": "noop", "outcome": "failed", "count": 2},
-        {"node": "b", "type": "sleep", "outcome": "succeeded", "count": 3},
-        {"node": "b", "type": "noop", "outcome": "succeeded", "count": 1},
+        count("a", "noop", Outcome.SUCCEEDED, 10),
+        count("a", "noop", Outcome.FAILED, 2),
+        count("b", "sleep", Outcome.SUCCEEDED, 3),
+        count("b", "noop", Outcome.SUCCEEDED, 1),
     ]
     c = views.job_counts(rows, 3600)
     assert c.cells == {("a", "noop"): 12, ("b", "sleep"): 3, ("b", "noop"): 1}
@@ -81,8 +82,8 @@ def test_job_counts_sum_outcomes_like_the_api() -> None:
 
 
 def test_rows_and_graphs_show_idle_and_departed_nodes() -> None:
-    nodes = [views.node_info(record("a", "Online")), views.node_info(record("b", "Offline"))]
-    counts = views.job_counts([{"node": "gone", "type": "noop", "outcome": "x", "count": 4}], 3600)
+    nodes = [record("a", NodeStatus.ONLINE), record("b", NodeStatus.OFFLINE)]
+    counts = views.job_counts([count("gone", "noop", Outcome.SUCCEEDED, 4)], 3600)
     assert views.chart_nodes(nodes, counts) == ["a", "b", "gone"]
     rows = views.node_rows(nodes, counts)
     assert [r.jobs_last_hour for r in rows] == [0, 0]

@@ -4,6 +4,7 @@ live table."""
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import os
 import stat
 import subprocess
@@ -14,6 +15,8 @@ import pytest
 
 from dsm_node import local_cluster as lc
 from dsm_node.api import tls
+from dsm_node.cluster.membership import NodeRecord
+from dsm_node.cluster.status import NodeStatus, StoredStatus
 
 
 def args(**overrides: Any) -> argparse.Namespace:
@@ -121,16 +124,28 @@ def test_the_table_shows_pids_and_restarts() -> None:
     dead.proc = FakeProc(-9)  # type: ignore[assignment]
     dead.last_exit, dead.restart_at = -9, 13.0
     try:
+        at = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
         rows = [
-            {
-                "name": n,
-                "address": a,
-                "apiPort": 4119,
-                "version": "0.1.0",
-                "status": s,
-                "secondsSinceHeartbeat": 1.2,
-            }
-            for n, a, s in (("node-1", "127.0.0.1", "Online"), ("node-2", "127.0.0.2", "Offline"))
+            NodeRecord(
+                id=i,
+                name=n,
+                address=a,
+                api_port=4119,
+                version="0.1.0",
+                stored_status=StoredStatus.ONLINE,
+                status=s,
+                status_reason="registered",
+                last_heartbeat=at,
+                seconds_since_heartbeat=1.2,
+                started_at=at,
+                status_changed_at=at,
+                clock_skew_seconds=None,
+                time_zone=None,
+            )
+            for i, n, a, s in (
+                (1, "node-1", "127.0.0.1", NodeStatus.ONLINE),
+                (2, "node-2", "127.0.0.2", NodeStatus.OFFLINE),
+            )
         ]
         table = lc.format_table(rows, {"node-1": running, "node-2": dead}, now=10.0)
         lines = table.splitlines()

@@ -8,7 +8,7 @@ in the same transaction as the action itself wherever the action is a database w
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy.exc
 from aiohttp import web
@@ -16,26 +16,22 @@ from pydantic import Field
 from pydantic.alias_generators import to_camel
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from dsm_node import auth, crypto, keys, roles, settings_store
-from dsm_node.api import inputs, paths
+from dsm_node import auth, roles, settings_store
+from dsm_node.api import inputs, paths, views
 from dsm_node.api.common import (
     KIB,
-    NODE_KEY,
-    SERVICES_KEY,
     ClientError,
     Model,
     Route,
+    Services,
     json_body,
     parse,
     principal,
     ready,
     source,
 )
-from dsm_node.db.queries import Q
+from dsm_node.cluster.status import NodeStatus
 from dsm_node.jobs.pool import EnqueueResult, NewJob
-
-if TYPE_CHECKING:
-    pass
 
 SECRET_KEY_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,62}")
 MAX_NODE_NAME = 253
@@ -72,7 +68,7 @@ async def audit_in(
     await auth.audit(
         conn,
         principal(request).name,
-        request.app[NODE_KEY].config.node_name,
+        ready(request).node_name,
         action,
         target,
         detail or {},
@@ -84,45 +80,31 @@ async def audit(
     request: web.Request, action: str, target: str | None, detail: dict[str, Any] | None = None
 ) -> None:
     """Records an action in a transaction of its own (refusals, actions outside the database)."""
-    async with request.app[SERVICES_KEY].engine.begin() as conn:
+    async with ready(request).engine.begin() as conn:
         await audit_in(conn, request, action, target, detail)
 
 
-async def node_names(request: web.Request, ids: list[Any]) -> dict[Any, str]:
+async def node_names(services: Services, ids: list[int | None]) -> dict[int, str]:
     """Node names by id (decommissioned nodes included)."""
-    node, services = ready(request)
     wanted = {i for i in ids if i is not None}
     if not wanted:
         return {}
-    threshold = node.cluster_settings.offline_threshold_seconds
     return {
-        n["id"]: n["name"]
-        for n in await services.membership.list_nodes(threshold, True)
-        if n["id"] in wanted
+        n.id: n.name
+        for n in await services.membership.list_nodes(services.offline_threshold, True)
+        if n.id in wanted
     }
-
-
-async def decrypt(request: web.Request, token: str, context: str) -> str:
-    """Decrypts with the node's keyring, reloading it first when a rotation on any node added a
-    key version this node has not seen yet."""
-    node, services = ready(request)
-    if crypto.Keyring.version_of(token) not in node.keyring.keys and node.wrapper is not None:
-        async with services.engine.connect() as conn:
-            ring = await keys.unlock(conn, node.wrapper)
-        if ring is not None:
-            node.keyring = ring
-    return node.keyring.decrypt(token, context)
 
 
 # -- handlers -----------------------------------------------------------------------------
 
 
 async def sign_in(request: web.Request) -> web.Response:
-    node, services = ready(request)
+    services = ready(request)
     body = parse(SignIn, await json_body(request))
     try:
         token, expires = await auth.sign_in(
-            services.engine, body.username, body.password, source(request), node.config.node_name
+            services.engine, body.username, body.password, source(request), services.node_name
         )
     except auth.SignInError as e:
         headers = {}
@@ -133,8 +115,8 @@ async def sign_in(request: web.Request) -> web.Response:
 
 
 async def sign_out(request: web.Request) -> web.Response:
-    _, services = ready(request)
-    if principal(request).kind != "user":
+    services = ready(request)
+    if principal(request).kind is not auth.PrincipalKind.USER:
         raise ClientError(400, "only a session can sign out; API keys are revoked instead")
     token = inputs.bearer_token(request.headers.get("Authorization"))
     assert token is not None  # the guard authenticated this very token
@@ -143,45 +125,38 @@ async def sign_out(request: web.Request) -> web.Response:
 
 
 async def decommission(request: web.Request) -> web.Response:
-    node, services = ready(request)
+    services = ready(request)
     who = principal(request)
     name = request.match_info["name"]
     if not 1 <= len(name) <= MAX_NODE_NAME:
         raise ClientError(400, f"a node name has 1 to {MAX_NODE_NAME} characters")
-    nodes = {
-        n["name"]: n
-        for n in await services.membership.list_nodes(
-            node.cluster_settings.offline_threshold_seconds
-        )
-    }
+    threshold = services.offline_threshold
+    nodes = {n.name: n for n in await services.membership.list_nodes(threshold)}
     if name not in nodes:
         raise ClientError(404, f"no node named {name!r} (decommissioned nodes are not listed)")
-    status = nodes[name]["status"]
-    if status == "Online":
+    status = nodes[name].status
+    if status is NodeStatus.ONLINE:
         raise ClientError(
             409,
             f"node {name!r} is Online: only an Offline node can be decommissioned; "
             "stop it first and wait until it shows Offline",
         )
-    done = await services.membership.decommission(
-        name, node.cluster_settings.offline_threshold_seconds, who.name
-    )
+    done = await services.membership.decommission(name, threshold, who.name)
     if done is None:
         raise ClientError(409, f"node {name!r} came back online; it was not decommissioned")
-    await audit(request, "decommission-node", name, {"statusBefore": status})
-    return web.json_response({"name": name, "status": "Decommissioned"})
+    await audit(request, "decommission-node", name, {"statusBefore": str(status)})
+    return web.json_response({"name": name, "status": str(NodeStatus.DECOMMISSIONED)})
 
 
 async def get_settings(request: web.Request) -> web.Response:
-    _, services = ready(request)
+    services = ready(request)
     s = await settings_store.read(services.engine)
-    async with services.engine.connect() as conn:
-        secrets = [r.key for r in await conn.execute(Q.secret_settings)]
+    secrets = await settings_store.secret_names(services.engine)
     return web.json_response({"settings": _camel(s.model_dump()), "secretSettings": secrets})
 
 
 async def patch_settings(request: web.Request) -> web.Response:
-    node, services = ready(request)
+    services = ready(request)
     body = await json_body(request)
     if not isinstance(body, dict) or not body:
         raise ClientError(400, "send a JSON object of settings to change")
@@ -200,7 +175,7 @@ async def patch_settings(request: web.Request) -> web.Response:
             await audit_in(conn, request, "change-settings", None, {"changed": body})
     except settings_store.InvalidSettings as e:
         raise ClientError(400, str(e)) from None
-    node.caches.clear_entry("settings")
+    services.caches.clear_entry("settings")
     return await get_settings(request)
 
 
@@ -212,35 +187,32 @@ def _secret_key(request: web.Request) -> str:
 
 
 async def put_secret(request: web.Request) -> web.Response:
-    node, services = ready(request)
+    services = ready(request)
     key = _secret_key(request)
     body = parse(SecretValue, await json_body(request))
+    ring = services.keys.keyring  # one version for the ciphertext and the row
+    if ring.active is None:
+        raise RuntimeError("no active master key")
     async with services.engine.begin() as conn:
-        await conn.execute(
-            Q.put_secret_setting,
-            {
-                "key": key,
-                "ciphertext": node.keyring.encrypt(body.value, f"settings/{key}"),
-                "key_version": node.keyring.active,
-            },
+        await settings_store.put_secret(
+            conn, key, ring.encrypt(body.value, f"settings/{key}"), ring.active
         )
         await audit_in(conn, request, "change-secret-setting", key)
     return web.json_response({"key": key, "stored": True})
 
 
 async def get_secret(request: web.Request) -> web.Response:
-    _, services = ready(request)
+    services = ready(request)
     key = _secret_key(request)
-    async with services.engine.connect() as conn:
-        rows = {r.key: r.ciphertext for r in await conn.execute(Q.secret_settings)}
-    if key not in rows:
+    ciphertext = await settings_store.secret_ciphertext(services.engine, key)
+    if ciphertext is None:
         raise ClientError(404, f"no secret setting {key!r}")
-    value = await decrypt(request, rows[key], f"settings/{key}")
+    value = await services.decrypt(ciphertext, f"settings/{key}")
     return web.json_response({"key": key, "value": value})
 
 
 async def rotate_master_key(request: web.Request) -> web.Response:
-    _, services = ready(request)
+    services = ready(request)
 
     async def record(conn: AsyncConnection, result: EnqueueResult) -> None:
         await audit_in(conn, request, "rotate-master-key", None, {"jobIds": result.ids})
@@ -252,38 +224,32 @@ async def rotate_master_key(request: web.Request) -> web.Response:
 
 
 async def list_users(request: web.Request) -> web.Response:
-    _, services = ready(request)
-    async with services.engine.connect() as conn:
-        rows = (await conn.execute(Q.list_users)).all()
+    services = ready(request)
     users = []
-    for r in rows:
-        users.append(
-            {
-                "username": r.username,
-                "role": r.role,
-                "disabled": r.disabled,
-                "fullName": await decrypt(
-                    request, r.full_name, auth.user_context(r.username, "full_name")
-                )
-                if r.full_name
-                else None,
-                "email": await decrypt(request, r.email, auth.user_context(r.username, "email"))
-                if r.email
-                else None,
-            }
+    for u in await auth.list_users(services.engine):
+        full_name = (
+            await services.decrypt(u.full_name, auth.user_context(u.username, "full_name"))
+            if u.full_name
+            else None
         )
+        email = (
+            await services.decrypt(u.email, auth.user_context(u.username, "email"))
+            if u.email
+            else None
+        )
+        users.append(views.user(u, full_name, email))
     return web.json_response({"users": users})
 
 
 async def create_user(request: web.Request) -> web.Response:
-    node, services = ready(request)
+    services = ready(request)
     body = parse(NewUser, await json_body(request))
     password_hash = await auth.hash_password(body.password)
     try:
         async with services.engine.begin() as conn:
             await auth.create_user(
                 conn,
-                node.keyring,
+                services.keys.keyring,
                 body.username,
                 password_hash,
                 body.role,
@@ -297,55 +263,23 @@ async def create_user(request: web.Request) -> web.Response:
 
 
 async def list_audit(request: web.Request) -> web.Response:
-    _, services = ready(request)
+    services = ready(request)
     limit = inputs.ascii_integer(request.query.get("limit", "100"), "limit", 1, 10_000)
-    async with services.engine.connect() as conn:
-        rows = (await conn.execute(Q.list_audit, {"limit": limit})).all()
-    return web.json_response(
-        {
-            "entries": [
-                {
-                    "id": r.id,
-                    "at": r.at.isoformat(),
-                    "actor": r.actor,
-                    "node": r.node,
-                    "action": r.action,
-                    "target": r.target,
-                    "detail": r.detail,
-                    "source": r.source,
-                }
-                for r in rows
-            ]
-        }
-    )
+    entries = await auth.list_audit(services.engine, limit)
+    return web.json_response({"entries": [views.audit_entry(e) for e in entries]})
 
 
 async def list_alerts(request: web.Request) -> web.Response:
-    _, services = ready(request)
+    services = ready(request)
     everything = inputs.flag(request.query.get("all"), "all")
-    async with services.engine.connect() as conn:
-        rows = (await conn.execute(Q.list_alerts, {"include_cleared": everything})).all()
-    return web.json_response(
-        {
-            "alerts": [
-                {
-                    "id": r.id,
-                    "type": r.type,
-                    "node": r.node,
-                    "message": r.message,
-                    "raisedAt": r.raised_at.isoformat(),
-                    "clearedAt": r.cleared_at.isoformat() if r.cleared_at else None,
-                }
-                for r in rows
-            ]
-        }
-    )
+    alerts = await services.membership.list_alerts(everything)
+    return web.json_response({"alerts": [views.alert(a) for a in alerts]})
 
 
 async def agent_managers(request: web.Request) -> web.Response:
     """What agents are told: every online node's address (they pick one at random and try the
     next on failure), or the load balancer's addresses when the overrides are set."""
-    _, services = ready(request)
+    services = ready(request)
     s = await settings_store.read(services.engine)
     if s.manager_address:
         return web.json_response(
@@ -367,9 +301,9 @@ async def agent_managers(request: web.Request) -> web.Response:
         {
             "mode": "nodeList",
             "managers": [
-                {"name": n["name"], "address": n["address"], "port": n["apiPort"]}
+                {"name": n.name, "address": n.address, "port": n.api_port}
                 for n in nodes
-                if n["status"] == "Online"
+                if n.status is NodeStatus.ONLINE
             ],
         }
     )

@@ -14,7 +14,7 @@ import datetime as dt
 import json
 import logging
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psycopg
 import sqlalchemy.exc
@@ -24,20 +24,20 @@ from pydantic import Field, ValidationError, field_validator
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from dsm_node import auth, metrics, roles
-from dsm_node.api import admin, inputs, listeners, paths
+from dsm_node.api import admin, inputs, listeners, paths, views
 from dsm_node.api.common import (
+    GATEWAYS_KEY,
     KIB,
     LIMITS_KEY,
     NODE_KEY,
     PRINCIPAL_KEY,
     ROUTE_KEY,
-    SERVICES_KEY,
     ClientError,
+    Gateways,
     Handler,
     Limits,
     Model,
     Route,
-    Services,
     json_body,
     principal,
     ready,
@@ -48,9 +48,7 @@ from dsm_node.console import guarding as console_guarding
 from dsm_node.console import pages as console_pages
 from dsm_node.jobs.pool import EnqueueResult, NewJob
 from dsm_node.jobs.registry import UnknownJobType
-
-if TYPE_CHECKING:
-    from dsm_node.node import Node
+from dsm_node.services import NodeState
 
 log = logging.getLogger("dsm.api")
 MAX_BATCH = 10_000
@@ -172,7 +170,7 @@ async def authenticate(request: web.Request) -> auth.Principal:
             " with a session token or an API key",
             {"WWW-Authenticate": "Bearer"},
         )
-    _, services = ready(request)
+    services = ready(request)
     who = await auth.authenticate(services.engine, token)
     if who is None:
         raise ClientError(
@@ -279,14 +277,14 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 
 
 async def list_nodes(request: web.Request) -> web.Response:
-    node, services = ready(request)
-    threshold = node.cluster_settings.offline_threshold_seconds
+    services = ready(request)
     everything = inputs.flag(request.query.get("all"), "all")
-    return web.json_response({"nodes": await services.membership.list_nodes(threshold, everything)})
+    nodes = await services.membership.list_nodes(services.offline_threshold, everything)
+    return web.json_response({"nodes": [views.node(n) for n in nodes]})
 
 
 async def enqueue(request: web.Request) -> web.Response:
-    _, services = ready(request)
+    services = ready(request)
     pool = services.pool
     body = await json_body(request)
     if not isinstance(body, dict):
@@ -337,33 +335,23 @@ async def enqueue(request: web.Request) -> web.Response:
 
 
 async def get_job(request: web.Request) -> web.Response:
-    _, services = ready(request)
+    services = ready(request)
     job_id = inputs.ascii_integer(
         request.match_info["id"], "job id", 1, 10**18 - 1, "a positive integer of up to 18 digits"
     )
     job = await services.pool.get(job_id)
     if job is None:
         raise ClientError(404, f"no job with id {job_id}")
-    names = await admin.node_names(request, [job.get("nodeId"), job.get("targetNodeId")])
-    job["node"] = names.get(job.get("nodeId"))
-    job["targetNode"] = names.get(job.get("targetNodeId"))
-    return web.json_response(job)
+    names = await admin.node_names(services, [job.node_id, job.target_node_id])
+    return web.json_response(views.job(job, names))
 
 
 async def job_stats(request: web.Request) -> web.Response:
-    _, services = ready(request)
+    services = ready(request)
     window = inputs.ascii_decimal(
         request.query.get("windowSeconds", "3600"), "windowSeconds", 0, 31 * 86400
     )
-    rows = await services.pool.stats(window)
-    by_node: dict[str, int] = {}
-    by_type: dict[str, int] = {}
-    for r in rows:
-        by_node[r["node"]] = by_node.get(r["node"], 0) + r["count"]
-        by_type[r["type"]] = by_type.get(r["type"], 0) + r["count"]
-    return web.json_response(
-        {"windowSeconds": window, "byNode": by_node, "byType": by_type, "byNodeAndType": rows}
-    )
+    return web.json_response(views.job_stats(window, await services.pool.stats(window)))
 
 
 ROUTES = [
@@ -383,8 +371,8 @@ NODE_LOOP_KEY: web.AppKey[asyncio.AbstractEventLoop] = web.AppKey("node-loop")
 
 
 def build(
-    node: Node,
-    services: Services,
+    node: NodeState,
+    gateways: Gateways,
     limits: Limits | None = None,
     node_loop: asyncio.AbstractEventLoop | None = None,
 ) -> web.Application:
@@ -392,7 +380,7 @@ def build(
         middlewares=[guard], client_max_size=max(r.max_body for r in ROUTES) or 1024
     )
     app[NODE_KEY] = node
-    app[SERVICES_KEY] = services
+    app[GATEWAYS_KEY] = gateways
     if node_loop is not None:
         app[NODE_LOOP_KEY] = node_loop
     app[LIMITS_KEY] = limits or Limits()

@@ -3,21 +3,23 @@ models, and reading a JSON body under the route's limits."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic.alias_generators import to_camel
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-if TYPE_CHECKING:
-    from sqlalchemy.ext.asyncio import AsyncEngine
-
-    from dsm_node.auth import Principal
-    from dsm_node.cluster.membership import Membership
-    from dsm_node.jobs.pool import JobPool
-    from dsm_node.node import Node
+from dsm_node.api import inputs
+from dsm_node.api.errors import ClientError as ClientError
+from dsm_node.auth import Principal
+from dsm_node.caches import Caches
+from dsm_node.cluster.membership import Membership
+from dsm_node.jobs.pool import JobPool
+from dsm_node.keys import MasterKeys
+from dsm_node.services import NodeState, SettingsView, Shared
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -47,7 +49,7 @@ class Limits:
 
 
 @dataclass(frozen=True)
-class Services:
+class Gateways:
     """The API's own gateways to the shared database. They live on the API's event loop, in its
     own thread (``api.serving``), never on the node's: no amount of request handling can delay
     the node's heartbeat or its job pool."""
@@ -57,20 +59,48 @@ class Services:
     membership: Membership
 
 
-NODE_KEY: web.AppKey[Node] = web.AppKey("node")
-SERVICES_KEY: web.AppKey[Services] = web.AppKey("services")
+@dataclass(frozen=True)
+class Services:
+    """What a handler works with once the node has joined (``ready``): the API's gateways and
+    what the node shares (``services.Shared``). Nothing here is ever None."""
+
+    node_name: str
+    version: str
+    engine: AsyncEngine
+    pool: JobPool
+    membership: Membership
+    settings: SettingsView
+    keys: MasterKeys
+    caches: Caches
+
+    @classmethod
+    def of(cls, gateways: Gateways, shared: Shared) -> Services:
+        return cls(
+            shared.node_name,
+            shared.version,
+            gateways.engine,
+            gateways.pool,
+            gateways.membership,
+            shared.settings,
+            shared.keys,
+            shared.caches,
+        )
+
+    @property
+    def offline_threshold(self) -> float:
+        return self.settings.current().offline_threshold_seconds
+
+    async def decrypt(self, token: str, context: str) -> str:
+        """Decrypts with the node's master keys, reloading them (on the API's engine) when a
+        rotation on any node added a version this node has not seen yet."""
+        return await self.keys.decrypt(self.engine, token, context)
+
+
+NODE_KEY: web.AppKey[NodeState] = web.AppKey("node")
+GATEWAYS_KEY: web.AppKey[Gateways] = web.AppKey("gateways")
 LIMITS_KEY: web.AppKey[Limits] = web.AppKey("limits")
 ROUTE_KEY = "dsm.route"
 PRINCIPAL_KEY = "dsm.principal"
-
-
-class ClientError(Exception):
-    """A request the client got wrong: answered with ``status`` and a JSON ``{"error": ...}``."""
-
-    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.headers = dict(headers or {})
 
 
 class Model(BaseModel):
@@ -84,8 +114,6 @@ class Model(BaseModel):
 
 async def json_body(request: web.Request) -> Any:
     """The request's JSON body, read under its route's size limit and the body timeout."""
-    from dsm_node.api import inputs
-
     if request.content_type not in ("application/json", "", "application/octet-stream"):
         raise ClientError(415, f"expected a JSON body, got content type {request.content_type!r}")
     if request.charset is not None and request.charset.lower() not in ("utf-8", "utf8"):
@@ -121,13 +149,13 @@ def principal(request: web.Request) -> Principal:
     return p
 
 
-def ready(request: web.Request) -> tuple[Node, Services]:
-    """The node (its configuration and state) and the API's database gateways, once the node
-    has joined the cluster (503 before)."""
+def ready(request: web.Request) -> Services:
+    """What handlers work with, once the node has joined the cluster (503 before)."""
     node = request.app[NODE_KEY]
-    if node.pool is None or node.membership is None:
+    shared = node.shared()
+    if shared is None:
         raise ClientError(503, f"node is not ready yet ({node.phase})", {"Retry-After": "5"})
-    return node, request.app[SERVICES_KEY]
+    return Services.of(request.app[GATEWAYS_KEY], shared)
 
 
 def source(request: web.Request) -> str:

@@ -28,7 +28,7 @@ from typing import Any
 
 from aiohttp import web
 
-from dsm_node.api.common import ClientError
+from dsm_node.api.errors import ClientError
 
 MAX_DEPTH = 32
 MAX_INTEGER_DIGITS = 100

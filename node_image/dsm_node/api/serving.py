@@ -8,8 +8,9 @@ on a busy machine, and a peer may then declare the node offline. With the API on
 node's loop (heartbeat, sweep, job pool) only competes for the interpreter lock, which Python
 hands over every few milliseconds; no request can hold it for long (Argon2 and TLS run without it).
 
-The API thread shares the node object (configuration, phase, keyring) and nothing with a loop
-in it: it has its own engine, job pool gateway and membership gateway (``common.Services``).
+The API thread shares with the node only what holds no event loop (``services.NodeState`` and,
+once the node has joined, ``services.Shared``: settings, master keys, caches); it has its own
+engine, job pool gateway and membership gateway (``common.Gateways``).
 """
 
 from __future__ import annotations
@@ -19,20 +20,17 @@ import concurrent.futures
 import logging
 import ssl
 import threading
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from dsm_node.api import app as api_app
 from dsm_node.api import listeners
-from dsm_node.api.common import Limits, Services
+from dsm_node.api.common import Gateways, Limits
 from dsm_node.cluster.membership import Membership
+from dsm_node.config import NodeConfig
 from dsm_node.db.engine import create_engine
 from dsm_node.jobs.pool import JobPool
-
-if TYPE_CHECKING:
-    from dsm_node.config import NodeConfig
-    from dsm_node.node import Node
+from dsm_node.services import NodeState
 
 log = logging.getLogger("dsm.api")
 
@@ -41,7 +39,7 @@ class ApiServer:
     """Starts the listeners on the API thread; ``start`` raises what the listeners raised (a
     port in use, for one)."""
 
-    def __init__(self, node: Node, config: NodeConfig, ssl_context: ssl.SSLContext) -> None:
+    def __init__(self, node: NodeState, config: NodeConfig, ssl_context: ssl.SSLContext) -> None:
         self.node, self.config, self.ssl_context = node, config, ssl_context
         self._started: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -77,7 +75,7 @@ class ApiServer:
             pool_size=cfg.api_db_pool_size,
             application_name=f"dsm-node:{cfg.node_name}:api",
         )
-        services = Services(engine, JobPool(engine), Membership(engine))
+        gateways = Gateways(engine, JobPool(engine), Membership(engine))
         deadlines = listeners.Deadlines(
             header_timeout=cfg.http_header_timeout_seconds,
             keepalive_timeout=cfg.http_keepalive_timeout_seconds,
@@ -85,7 +83,7 @@ class ApiServer:
         )
         app = api_app.build(
             self.node,
-            services,
+            gateways,
             Limits(body_timeout_seconds=cfg.http_body_timeout_seconds),
             self._node_loop,
         )

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from packaging.version import InvalidVersion, Version
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from dsm_node import auth, crypto, keys, settings_store
 from dsm_node.cluster.membership import Decommissioned, Identity, Membership
+from dsm_node.cluster.status import StoredStatus
 from dsm_node.db import migrating
 from dsm_node.db.queries import Q
 
@@ -46,7 +46,7 @@ class Bootstrap:
 
 @dataclass(frozen=True)
 class Joined:
-    identity: Identity | None
+    identity: Identity
     keyring: crypto.Keyring
     schema_version: int
     cluster_version: str
@@ -68,26 +68,25 @@ async def wait_for_name(engine: AsyncEngine, name: str, default_interval: float)
     async with engine.connect() as conn:
         if not await _table_exists(conn, "nodes"):
             return
-        first = (await conn.execute(Q.node_row, {"name": name})).first()
+        first = await Membership.node_row_in(conn, name)
         stored = {r.key: r.value for r in await conn.execute(Q.get_settings)}
     interval = float(stored.get("heartbeat_interval_seconds", default_interval))
-    if first is None or first.status != "online":
+    if first is None or first.status is not StoredStatus.ONLINE:
         return
-    if (first.db_now - first.last_heartbeat).total_seconds() > 2 * interval:
+    if first.silent_seconds > 2 * interval:
         return
     log.info(
         "node name %s was online %.1f s ago; checking that it is not still alive",
         name,
-        (first.db_now - first.last_heartbeat).total_seconds(),
+        first.silent_seconds,
     )
     deadline = asyncio.get_running_loop().time() + 2.5 * interval
     while asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(min(1.0, interval / 2))
-        async with engine.connect() as conn:
-            now = (await conn.execute(Q.node_row, {"name": name})).first()
-        if now is None or now.status != "online":
+        now = await Membership(engine).node_row(name)
+        if now is None or now.status is not StoredStatus.ONLINE:
             return
-        if (now.db_now - now.last_heartbeat).total_seconds() > 2 * interval:
+        if now.silent_seconds > 2 * interval:
             return  # silent for two intervals: the previous incarnation is gone
         if now.last_heartbeat > first.last_heartbeat or now.epoch != first.epoch:
             raise DuplicateName(
@@ -106,26 +105,31 @@ async def join(
     wrapper: crypto.KeyWrapper,
     bootstrap: Bootstrap,
     extra_dirs: list[Path] | None = None,
-    register: bool = True,
     reuse_decommissioned_name: bool = False,
 ) -> Joined:
     mine = parse_version(version)
     migrations = migrating.load_migrations(extra_dirs)
     target = migrations[-1].version
+    before: migrating.SchemaState | None = None
+    ring: crypto.Keyring | None = None
     async with engine.begin() as conn:
-        await conn.execute(
-            text("SELECT pg_advisory_xact_lock(:k)"), {"k": migrating.SCHEMA_LOCK_ID}
-        )
-        state = await migrating.read_state(conn)
-        cluster = parse_version(state.software_version) if state.software_version else None
-        if state.schema_version > target or (cluster is not None and mine < cluster):
-            raise UpgradeRequired(
-                f"the cluster runs version {state.software_version} (schema "
-                f"{state.schema_version}); this node runs {version} (schema {target}): "
-                "upgrade this node"
-            )
-        ring = await keys.unlock(conn, wrapper)  # raises WrongSecret before anything is written
-        applied = await migrating.apply_pending(conn, state, migrations)
+
+        async def check(state: migrating.SchemaState) -> None:
+            """Before anything is written: an older node, or one with the wrong secret, leaves."""
+            nonlocal before, ring
+            before = state
+            cluster = parse_version(state.software_version) if state.software_version else None
+            if state.schema_version > target or (cluster is not None and mine < cluster):
+                raise UpgradeRequired(
+                    f"the cluster runs version {state.software_version} (schema "
+                    f"{state.schema_version}); this node runs {version} (schema {target}): "
+                    "upgrade this node"
+                )
+            ring = await keys.unlock(conn, wrapper)  # raises WrongSecret
+
+        schema = await migrating.migrate_in(conn, version, migrations, check)
+        assert before is not None  # check ran
+        cluster = parse_version(before.software_version) if before.software_version else None
         took_over: list[str] = []
         if cluster is None or mine > cluster:
             await conn.execute(Q.set_cluster_version, {"version": version})
@@ -148,8 +152,7 @@ async def join(
         for what in created:
             log.info("created %s", what)
         await settings_store.write(conn, bootstrap.settings, only_if_absent=True)
-        identity = None
-        if register and reuse_decommissioned_name:
+        if reuse_decommissioned_name:
             released = (await conn.execute(Q.release_decommissioned_name, {"name": name})).first()
             if released is not None:
                 log.info(
@@ -157,10 +160,9 @@ async def join(
                     name,
                     released.id,
                 )
-        if register:
-            identity = await Membership.register_in(conn, name, address, api_port, version)
-    if applied:
-        log.info("schema migrated to version %d (applied %s)", target, list(applied))
+        identity = await Membership.register_in(conn, name, address, api_port, version)
+    if schema.applied:
+        log.info("schema migrated to version %d (applied %s)", target, list(schema.applied))
     if took_over:
         log.warning(
             "took over the cluster at version %s; older nodes must be upgraded: %s",
@@ -172,7 +174,7 @@ async def join(
         ring,
         target,
         str(max(mine, cluster) if cluster else mine),
-        tuple(applied),
+        schema.applied,
         took_over,
     )
 
@@ -185,9 +187,7 @@ def _older(v: str, than: Version) -> bool:
 
 
 async def _table_exists(conn: Any, table: str) -> bool:
-    return bool(
-        (await conn.execute(text("SELECT to_regclass(:t) IS NOT NULL"), {"t": table})).scalar()
-    )
+    return bool((await conn.execute(Q.table_exists, {"table": table})).scalar())
 
 
 __all__ = ["Bootstrap", "Decommissioned", "DuplicateName", "Joined", "UpgradeRequired", "join"]

@@ -12,14 +12,14 @@ and every statement's lock wait is bounded (``cluster.timing``).
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from dsm_node import faults
-from dsm_node.cluster.status import NodeStatus, effective_status
+from dsm_node.cluster.status import NodeStatus, StoredStatus, effective_status
 from dsm_node.db.queries import Q
 
 log = logging.getLogger("dsm.cluster")
@@ -34,6 +34,65 @@ class Identity:
     node_id: int
     epoch: int
     name: str
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """A node as administrators see it (``status`` is the effective one: a node recorded online
+    but silent past the threshold is ``Offline``)."""
+
+    id: int
+    name: str
+    address: str
+    api_port: int
+    version: str
+    stored_status: StoredStatus
+    status: NodeStatus
+    status_reason: str
+    last_heartbeat: dt.datetime
+    seconds_since_heartbeat: float
+    started_at: dt.datetime
+    status_changed_at: dt.datetime
+    clock_skew_seconds: float | None
+    time_zone: str | None
+
+
+@dataclass(frozen=True)
+class MemberRow:
+    """A node's row as stored now, for decisions about it: may a name be reused, why was a lease
+    lost. ``cluster_version`` is the cluster's software version."""
+
+    id: int
+    name: str
+    status: StoredStatus
+    version: str
+    epoch: int
+    last_heartbeat: dt.datetime
+    db_now: dt.datetime
+    cluster_version: str | None
+
+    @property
+    def silent_seconds(self) -> float:
+        return (self.db_now - self.last_heartbeat).total_seconds()
+
+
+@dataclass(frozen=True)
+class Renewal:
+    """A renewed lease: the database's clock and time zone, for the clock check."""
+
+    db_clock: dt.datetime
+    db_utc_offset: float
+    db_tz: str
+
+
+@dataclass(frozen=True)
+class AlertRecord:
+    id: int
+    type: str
+    node: str
+    message: str
+    raised_at: dt.datetime
+    cleared_at: dt.datetime | None
 
 
 @dataclass(frozen=True)
@@ -99,9 +158,9 @@ class Membership:
 
     async def heartbeat(
         self, me: Identity, skew: float | None = None, time_zone: str | None = None
-    ) -> Any:
+    ) -> Renewal | None:
         """Renews this node's lease; None means it was declared offline (or replaced).
-        Returns the database's now(), clock and UTC offset for the clock check."""
+        Returns the database's clock and UTC offset for the clock check."""
         async with self.heartbeat_engine.begin() as conn:
             row = (
                 await conn.execute(
@@ -115,7 +174,9 @@ class Membership:
                 )
             ).first()
             await faults.point("heartbeat")  # this node's row locked, not committed yet
-            return row
+        if row is None:
+            return None
+        return Renewal(row.db_clock, float(row.db_utc_offset), str(row.db_tz))
 
     async def set_alert(self, alert_type: str, node_id: int, message: str | None) -> None:
         """Raises (message) or clears (None) this node's open alert of a type."""
@@ -127,9 +188,39 @@ class Membership:
                     Q.raise_alert, {"type": alert_type, "node_id": node_id, "message": message}
                 )
 
-    async def node_row(self, name: str) -> Any:
+    async def node_row(self, name: str) -> MemberRow | None:
         async with self.engine.connect() as conn:
-            return (await conn.execute(Q.node_row, {"name": name})).first()
+            return await self.node_row_in(conn, name)
+
+    @staticmethod
+    async def node_row_in(conn: AsyncConnection, name: str) -> MemberRow | None:
+        r = (await conn.execute(Q.node_row, {"name": name})).first()
+        if r is None:
+            return None
+        return MemberRow(
+            int(r.id),
+            r.name,
+            StoredStatus(r.status),
+            r.version,
+            int(r.epoch),
+            r.last_heartbeat,
+            r.db_now,
+            r.cluster_version,
+        )
+
+    async def database_now(self) -> dt.datetime:
+        """The database's clock (the one every liveness judgement uses)."""
+        async with self.engine.connect() as conn:
+            now: dt.datetime = (await conn.execute(Q.db_clock)).one().db_now
+        return now
+
+    async def list_alerts(self, include_cleared: bool = False) -> list[AlertRecord]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(Q.list_alerts, {"include_cleared": include_cleared})
+            return [
+                AlertRecord(int(r.id), r.type, r.node, r.message, r.raised_at, r.cleared_at)
+                for r in rows
+            ]
 
     async def decommission(self, name: str, threshold: float, actor: str) -> int | None:
         """Decommissions an Offline node: its local jobs are dropped, anything it held goes back
@@ -191,30 +282,41 @@ class Membership:
 
     async def list_nodes(
         self, threshold_seconds: float, include_decommissioned: bool = False
-    ) -> list[dict[str, Any]]:
+    ) -> list[NodeRecord]:
         async with self.engine.connect() as conn:
             rows = (await conn.execute(Q.list_nodes)).all()
         return [
-            {
-                "id": r.id,
-                "name": r.name,
-                "address": r.address,
-                "apiPort": r.api_port,
-                "version": r.version,
-                "status": str(
-                    effective_status(r.status, r.last_heartbeat, r.db_now, threshold_seconds)
+            NodeRecord(
+                id=int(r.id),
+                name=r.name,
+                address=r.address,
+                api_port=int(r.api_port),
+                version=r.version,
+                stored_status=StoredStatus(r.status),
+                status=effective_status(
+                    StoredStatus(r.status), r.last_heartbeat, r.db_now, threshold_seconds
                 ),
-                "statusReason": r.status_reason,
-                "lastHeartbeat": r.last_heartbeat.isoformat(),
-                "secondsSinceHeartbeat": round((r.db_now - r.last_heartbeat).total_seconds(), 3),
-                "startedAt": r.started_at.isoformat(),
-                "statusChangedAt": r.status_changed_at.isoformat(),
-                "clockSkewSeconds": r.clock_skew_seconds,
-                "timeZone": r.time_zone,
-            }
+                status_reason=r.status_reason,
+                last_heartbeat=r.last_heartbeat,
+                seconds_since_heartbeat=round((r.db_now - r.last_heartbeat).total_seconds(), 3),
+                started_at=r.started_at,
+                status_changed_at=r.status_changed_at,
+                clock_skew_seconds=r.clock_skew_seconds,
+                time_zone=r.time_zone,
+            )
             for r in rows
-            if include_decommissioned or r.status != "decommissioned"
+            if include_decommissioned or r.status != StoredStatus.DECOMMISSIONED
         ]
 
 
-__all__ = ["Decommissioned", "Identity", "Membership", "NodeStatus", "SweepResult"]
+__all__ = [
+    "AlertRecord",
+    "Decommissioned",
+    "Identity",
+    "MemberRow",
+    "Membership",
+    "NodeRecord",
+    "NodeStatus",
+    "Renewal",
+    "SweepResult",
+]

@@ -1,9 +1,18 @@
-"""Pure rules for what status an administrator sees for a node. No I/O here."""
+"""Node statuses: as stored in ``nodes.status``, and as an administrator sees them. Pure: no I/O."""
 
 from __future__ import annotations
 
 import datetime as dt
 from enum import StrEnum
+
+
+class StoredStatus(StrEnum):
+    """``nodes.status`` as the database stores it (the migrations' CHECK constraint)."""
+
+    ONLINE = "online"
+    OFFLINE = "offline"
+    UPGRADE_REQUIRED = "upgrade_required"
+    DECOMMISSIONED = "decommissioned"
 
 
 class NodeStatus(StrEnum):
@@ -15,20 +24,20 @@ class NodeStatus(StrEnum):
     DECOMMISSIONED = "Decommissioned"
 
 
-_STORED = {
-    "online": NodeStatus.ONLINE,
-    "offline": NodeStatus.OFFLINE,
-    "upgrade_required": NodeStatus.UPGRADE_REQUIRED,
-    "decommissioned": NodeStatus.DECOMMISSIONED,
+_SHOWN = {
+    StoredStatus.ONLINE: NodeStatus.ONLINE,
+    StoredStatus.OFFLINE: NodeStatus.OFFLINE,
+    StoredStatus.UPGRADE_REQUIRED: NodeStatus.UPGRADE_REQUIRED,
+    StoredStatus.DECOMMISSIONED: NodeStatus.DECOMMISSIONED,
 }
 
 
 def effective_status(
-    stored: str, last_heartbeat: dt.datetime, db_now: dt.datetime, threshold_seconds: float
+    stored: StoredStatus, last_heartbeat: dt.datetime, db_now: dt.datetime, threshold_seconds: float
 ) -> NodeStatus:
     """A node recorded online whose heartbeat is older than the threshold is shown Offline even
     before a peer has marked it (there may be no peer left to do so)."""
-    status = _STORED[stored]
+    status = _SHOWN[StoredStatus(stored)]
     if (
         status is NodeStatus.ONLINE
         and (db_now - last_heartbeat).total_seconds() > threshold_seconds

@@ -152,9 +152,8 @@ async def _session(request: web.Request) -> auth.Principal | None:
     token = request.cookies.get(security.SESSION_COOKIE)
     if not token or len(token) > 200 or not token.isascii():
         return None
-    _, services = ready(request)
-    who = await auth.authenticate(services.engine, token)
-    if who is None or who.kind != "user":
+    who = await auth.authenticate(ready(request).engine, token)
+    if who is None or who.kind is not auth.PrincipalKind.USER:
         return None
     request[PRINCIPAL_KEY] = who
     request[pages.SESSION_TOKEN_KEY] = token

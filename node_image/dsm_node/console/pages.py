@@ -28,6 +28,7 @@ from dsm_node.api.common import (
     ready,
     source,
 )
+from dsm_node.cluster.membership import NodeRecord
 from dsm_node.cluster.status import NodeStatus
 from dsm_node.console import charts, reading, security, views
 from dsm_node.console.views import GRAPHS
@@ -122,21 +123,25 @@ async def render(
     **context: Any,
 ) -> web.Response:
     node = request.app[NODE_KEY]
+    shared = node.shared()  # None before the node has joined: pages say less
     who = request.get(PRINCIPAL_KEY)
     token = request.get(SESSION_TOKEN_KEY)
+    heartbeat = (
+        shared.settings.current().heartbeat_interval_seconds if shared else MAX_REFRESH_SECONDS
+    )
     base: dict[str, Any] = {
         "user": who,
         "csrf": security.csrf_token(token) if token else "",
-        "node_name": node.config.node_name,
-        "node_version": node.config.software_version,
-        "refresh_seconds": f"{refresh_seconds(node.cluster_settings.heartbeat_interval_seconds):g}",
+        "node_name": node.name,
+        "node_version": shared.version if shared else "",
+        "refresh_seconds": f"{refresh_seconds(heartbeat):g}",
         "live": False,
         "page": "",
         "open_alerts": 0,
         "db_time": "",
     }
-    if who is not None and node.pool is not None:
-        _, services = ready(request)
+    if who is not None and shared is not None:
+        services = ready(request)
         base["open_alerts"] = await reading.open_alert_count(services)
         base["db_time"] = await reading.database_time(services)
     base.update(context)
@@ -155,7 +160,7 @@ def form(request: web.Request) -> dict[str, str]:
     return f
 
 
-def _counts_by_status(nodes: list[views.NodeInfo]) -> list[tuple[str, int]]:
+def _counts_by_status(nodes: list[NodeRecord]) -> list[tuple[str, int]]:
     out = []
     for status in (
         NodeStatus.ONLINE,
@@ -207,7 +212,7 @@ async def sign_in_page(request: web.Request) -> web.Response:
 
 
 async def sign_in(request: web.Request) -> web.Response:
-    node, services = ready(request)
+    services = ready(request)
     f = form(request)
     username, password = f.get("username", ""), f.get("password", "")
     target = security.safe_next(f.get("next"), paths.CONSOLE_MANAGER_NODES)
@@ -220,7 +225,7 @@ async def sign_in(request: web.Request) -> web.Response:
     if problem is None:
         try:
             token, _ = await auth.sign_in(
-                services.engine, username, password, source(request), node.config.node_name
+                services.engine, username, password, source(request), services.node_name
             )
         except auth.SignInError as e:
             status, problem = e.status, _sign_in_problem(e)
@@ -252,15 +257,15 @@ def _sign_in_problem(e: auth.SignInError) -> str:
 
 
 async def sign_out(request: web.Request) -> web.Response:
-    _, services = ready(request)
+    services = ready(request)
     token = request[SESSION_TOKEN_KEY]
     await auth.sign_out(services.engine, token)
     return see_other(paths.CONSOLE_SIGN_IN, {"Set-Cookie": security.cleared_cookie()})
 
 
 async def manager_nodes(request: web.Request) -> web.Response:
-    node, services = ready(request)
-    threshold = node.cluster_settings.offline_threshold_seconds
+    services = ready(request)
+    threshold = services.offline_threshold
     nodes = await reading.nodes(services, threshold)
     counts = await reading.job_counts(services)
     rows = views.node_rows(nodes, counts)
@@ -278,12 +283,12 @@ async def manager_nodes(request: web.Request) -> web.Response:
     )
 
 
-async def _node_named(request: web.Request) -> views.NodeInfo:
-    node, services = ready(request)
+async def _node_named(request: web.Request) -> NodeRecord:
+    services = ready(request)
     name = request.match_info["name"]
     if not 1 <= len(name) <= admin.MAX_NODE_NAME:
         raise ClientError(400, f"A node name has 1 to {admin.MAX_NODE_NAME} characters.")
-    threshold = node.cluster_settings.offline_threshold_seconds
+    threshold = services.offline_threshold
     for n in await reading.nodes(services, threshold, include_decommissioned=True):
         if n.name == name:
             return n
@@ -293,7 +298,7 @@ async def _node_named(request: web.Request) -> views.NodeInfo:
 async def node_properties(
     request: web.Request, error: str | None = None, status: int = 200
 ) -> web.Response:
-    _, services = ready(request)
+    services = ready(request)
     n = await _node_named(request)
     counts = await reading.job_counts(services)
     by_type = sorted(
@@ -324,12 +329,12 @@ async def node_properties_page(request: web.Request) -> web.Response:
 async def decommission(request: web.Request) -> web.Response:
     """The original's Properties > Options > Decommission: refused with the reason while the
     node is Online (the database's statement checks again, atomically)."""
-    node, services = ready(request)
+    services = ready(request)
     n = await _node_named(request)
     refusal = views.decommission_refusal(n)
     if refusal is None:
         done = await services.membership.decommission(
-            n.name, node.cluster_settings.offline_threshold_seconds, principal(request).name
+            n.name, services.offline_threshold, principal(request).name
         )
         if done is None:
             refusal = f"Node {n.name} came back online; it was not decommissioned."
@@ -341,13 +346,13 @@ async def decommission(request: web.Request) -> web.Response:
 
 
 async def system_information(request: web.Request) -> web.Response:
-    node, services = ready(request)
+    services = ready(request)
     graph = views.graph_choice(request.query.get("graph"))
     if graph is None:
         raise ClientError(
             400, f"There is no graph {request.query.get('graph')!r}; choose one of the list."
         )
-    nodes = await reading.nodes(services, node.cluster_settings.offline_threshold_seconds)
+    nodes = await reading.nodes(services, services.offline_threshold)
     counts = await reading.job_counts(services)
     names = views.chart_nodes(nodes, counts)
     by_node, by_type, types = counts.by_node(), counts.by_type(), counts.types()
@@ -421,7 +426,7 @@ async def system_information(request: web.Request) -> web.Response:
 
 
 async def alerts(request: web.Request) -> web.Response:
-    _, services = ready(request)
+    services = ready(request)
     include_cleared = inputs.flag(request.query.get("all"), "all")
     return await render(
         request,
@@ -435,7 +440,7 @@ async def alerts(request: web.Request) -> web.Response:
 
 
 async def audit_log(request: web.Request) -> web.Response:
-    _, services = ready(request)
+    services = ready(request)
     return await render(
         request,
         "audit_log.html",

@@ -15,7 +15,10 @@ from typing import Any
 
 from markupsafe import Markup
 
+from dsm_node.auth import AuditEntry
+from dsm_node.cluster.membership import AlertRecord, NodeRecord
 from dsm_node.cluster.status import NodeStatus
+from dsm_node.jobs.pool import JobCount, MinuteCount
 
 WINDOW_SECONDS = 3600  # "over the last hour", everywhere in System Information
 
@@ -67,49 +70,7 @@ def icon_svg(view: StatusView, size: int = 16) -> Markup:
 # -- nodes ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class NodeInfo:
-    """One manager node as the console reads it (the membership's record, typed)."""
-
-    id: int
-    name: str
-    address: str
-    api_port: int
-    version: str
-    status: NodeStatus
-    status_reason: str | None
-    last_heartbeat: dt.datetime
-    seconds_since_heartbeat: float
-    started_at: dt.datetime
-    status_changed_at: dt.datetime
-    clock_skew_seconds: float | None
-    time_zone: str | None
-
-
-def node_info(record: Mapping[str, Any]) -> NodeInfo:
-    """From a record of ``Membership.list_nodes``."""
-    return NodeInfo(
-        id=int(record["id"]),
-        name=str(record["name"]),
-        address=str(record["address"]),
-        api_port=int(record["apiPort"]),
-        version=str(record["version"]),
-        status=NodeStatus(record["status"]),
-        status_reason=record.get("statusReason"),
-        last_heartbeat=_time(record["lastHeartbeat"]),
-        seconds_since_heartbeat=float(record["secondsSinceHeartbeat"]),
-        started_at=_time(record["startedAt"]),
-        status_changed_at=_time(record["statusChangedAt"]),
-        clock_skew_seconds=record.get("clockSkewSeconds"),
-        time_zone=record.get("timeZone"),
-    )
-
-
-def _time(value: dt.datetime | str) -> dt.datetime:
-    return value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(value)
-
-
-def decommission_refusal(node: NodeInfo) -> str | None:
+def decommission_refusal(node: NodeRecord) -> str | None:
     """Why Decommission is refused for this node, or None when it is allowed (the rule of the
     original product: only an Offline node can be decommissioned)."""
     if node.status is NodeStatus.ONLINE:
@@ -126,13 +87,13 @@ def decommission_refusal(node: NodeInfo) -> str | None:
 class NodeRow:
     """A line of the Manager Nodes table."""
 
-    node: NodeInfo
+    node: NodeRecord
     status: StatusView
     heartbeat_age: str
     jobs_last_hour: int
 
 
-def node_rows(nodes: Sequence[NodeInfo], counts: JobCounts) -> list[NodeRow]:
+def node_rows(nodes: Sequence[NodeRecord], counts: JobCounts) -> list[NodeRow]:
     by_node = counts.by_node()
     return [
         NodeRow(
@@ -142,7 +103,7 @@ def node_rows(nodes: Sequence[NodeInfo], counts: JobCounts) -> list[NodeRow]:
     ]
 
 
-def status_summary(nodes: Sequence[NodeInfo]) -> str:
+def status_summary(nodes: Sequence[NodeRecord]) -> str:
     """'3 nodes: 2 Online, 1 Offline' (statuses in the order of the specification)."""
     if not nodes:
         return "No manager nodes."
@@ -220,16 +181,16 @@ class JobCounts:
         return sum(self.cells.values())
 
 
-def job_counts(rows: Iterable[Mapping[str, Any]], window_seconds: int) -> JobCounts:
-    """From the rows of ``JobPool.stats`` (node, type, outcome, count)."""
+def job_counts(rows: Iterable[JobCount], window_seconds: int) -> JobCounts:
+    """From the records of ``JobPool.stats`` (every outcome counts)."""
     cells: dict[tuple[str, str], int] = {}
     for r in rows:
-        key = (str(r["node"]), str(r["type"]))
-        cells[key] = cells.get(key, 0) + int(r["count"])
+        key = (r.node, r.type)
+        cells[key] = cells.get(key, 0) + r.jobs
     return JobCounts(window_seconds, cells)
 
 
-def chart_nodes(nodes: Sequence[NodeInfo], counts: JobCounts) -> list[str]:
+def chart_nodes(nodes: Sequence[NodeRecord], counts: JobCounts) -> list[str]:
     """The nodes a graph shows: every listed node (even idle ones), then any node that ran jobs
     in the window but is no longer listed (decommissioned since)."""
     names = [n.name for n in nodes]
@@ -241,18 +202,17 @@ ACTIVITY_MINUTES = 60
 
 
 def activity(
-    rows: Iterable[Mapping[str, Any]], now: dt.datetime, minutes: int = ACTIVITY_MINUTES
+    rows: Iterable[MinuteCount], now: dt.datetime, minutes: int = ACTIVITY_MINUTES
 ) -> dict[str, list[int]]:
     """Jobs per node per minute over the last ``minutes`` minutes, oldest first; the last bucket
-    is the minute ``now`` is in (the database's clock). Rows: node, minute, jobs."""
+    is the minute ``now`` is in (the database's clock)."""
     this_minute = now.replace(second=0, microsecond=0)
     out: dict[str, list[int]] = {}
     for r in rows:
-        minute: dt.datetime = r["minute"]
-        back = int((this_minute - minute).total_seconds() // 60)
+        back = int((this_minute - r.minute).total_seconds() // 60)
         if 0 <= back < minutes:
-            series = out.setdefault(str(r["node"]), [0] * minutes)
-            series[minutes - 1 - back] += int(r["jobs"])
+            series = out.setdefault(r.node, [0] * minutes)
+            series[minutes - 1 - back] += r.jobs
     return out
 
 
@@ -295,6 +255,22 @@ class AuditRow:
     target: str
     detail: str
     source: str
+
+
+def alert_row(a: AlertRecord) -> AlertRow:
+    return AlertRow(a.type, a.node, a.message, format_time(a.raised_at), format_time(a.cleared_at))
+
+
+def audit_row(e: AuditEntry) -> AuditRow:
+    return AuditRow(
+        format_time(e.at),
+        e.actor,
+        e.node or "",
+        e.action,
+        e.target or "",
+        audit_detail(e.detail),
+        e.source or "",
+    )
 
 
 def audit_detail(detail: Any) -> str:

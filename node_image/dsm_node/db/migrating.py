@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from dsm_node.db.queries import Q
@@ -69,7 +69,7 @@ def load_migrations(extra_dirs: list[Path] | None = None) -> list[Migration]:
 
 
 async def read_state(conn: AsyncConnection) -> SchemaState:
-    exists = (await conn.execute(text("SELECT to_regclass('dsm_schema') IS NOT NULL"))).scalar()
+    exists = (await conn.execute(Q.table_exists, {"table": "dsm_schema"})).scalar()
     if not exists:
         return SchemaState(0, None)
     row = (await conn.execute(Q.schema_version)).one_or_none()
@@ -89,15 +89,35 @@ async def apply_pending(
         await conn.exec_driver_sql(m.sql)
         applied.append(m.version)
     if applied:
-        await conn.execute(
-            text(
-                "INSERT INTO dsm_schema (schema_version, software_version) VALUES (:v, '0') "
-                "ON CONFLICT (singleton) DO UPDATE SET schema_version = excluded.schema_version, "
-                "updated_at = now()"
-            ),
-            {"v": migrations[-1].version},
-        )
+        await conn.execute(Q.record_schema_version, {"version": migrations[-1].version})
     return tuple(applied)
+
+
+async def migrate_in(
+    conn: AsyncConnection,
+    software_version: str,
+    migrations: list[Migration],
+    check: Callable[[SchemaState], Awaitable[None]] | None = None,
+) -> SchemaState:
+    """The one migration path (``ensure_schema``, and every node's join): inside the caller's
+    transaction and under the schema lock (held until it ends), ``check`` looks at the schema
+    before anything is written (joining: versions and the master key; it raises to refuse), a
+    schema newer than this node knows is refused, pending migrations run, and a database without
+    a cluster version gets this one. Returns the schema as it is now and what was applied."""
+    target = migrations[-1].version
+    await conn.execute(Q.schema_lock, {"key": SCHEMA_LOCK_ID})
+    state = await read_state(conn)
+    if check is not None:
+        await check(state)
+    if state.schema_version > target:
+        raise SchemaTooNew(
+            f"database schema version {state.schema_version} is newer than this node's "
+            f"{target} (cluster software {state.software_version}); upgrade this node"
+        )
+    applied = await apply_pending(conn, state, migrations)
+    if state.software_version is None:
+        await conn.execute(Q.set_cluster_version, {"version": software_version})
+    return SchemaState(target, state.software_version or software_version, applied)
 
 
 async def ensure_schema(
@@ -106,19 +126,9 @@ async def ensure_schema(
     *,
     extra_dirs: list[Path] | None = None,
 ) -> SchemaState:
-    """Brings the schema to the newest migration this node carries; refuses a newer schema.
-    (Nodes join through cluster.joining, which also checks versions and the master key.)"""
+    """Brings the schema to the newest migration this node carries; refuses a newer schema
+    (``dsm db upgrade``, the test suite's template database). Nodes join through
+    ``cluster.joining``, which takes the same path and also checks versions and the master key."""
     migrations = load_migrations(extra_dirs)
-    target = migrations[-1].version
     async with engine.begin() as conn:
-        await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": SCHEMA_LOCK_ID})
-        state = await read_state(conn)
-        if state.schema_version > target:
-            raise SchemaTooNew(
-                f"database schema version {state.schema_version} is newer than this node's "
-                f"{target} (cluster software {state.software_version}); upgrade this node"
-            )
-        applied = await apply_pending(conn, state, migrations)
-        if state.software_version is None:
-            await conn.execute(Q.set_cluster_version, {"version": software_version})
-        return SchemaState(target, state.software_version or software_version, applied)
+        return await migrate_in(conn, software_version, migrations)

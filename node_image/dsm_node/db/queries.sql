@@ -5,8 +5,41 @@
 -- be frozen inside its transaction. They take rows FOR UPDATE SKIP LOCKED and leave the rest to
 -- the next sweep, which finds them again (every sweep statement converges, whatever was skipped).
 
+-- ---------------------------------------------------------------------------------------------
+-- Fragments: each job state transition written once, included by the statements that make it.
+
+-- fragment: archive_finished
+-- The one way a job leaves the pool for job_history. The including statement deletes the jobs in
+-- a CTE named `finished` that returns the job's columns plus `outcome` ('succeeded', 'failed',
+-- 'discarded') and `reason` (the error, or why it was discarded). The attempt recorded is the
+-- counted one: claims minus refunded releases.
+INSERT INTO job_history (id, type, payload, outcome, node_id, attempt, priority, target_node,
+                         created_at, claimed_at, finished_at, error)
+SELECT id, type, payload, outcome, owner_node, attempt - released_claims, priority,
+       target_node, created_at, claimed_at, clock_timestamp(), reason
+FROM finished
+
+-- fragment: unclaimed
+-- The one way a running job returns to the pool (a retry, a release, a takeover, a deadline): the
+-- end of the including statement's SET list. No owner, no deadline; the attempt counter stays
+-- (with the owner it is the fencing token, and it never repeats).
+state = 'ready', owner_node = NULL, owner_epoch = NULL, claimed_at = NULL, deadline = NULL
+
+-- ---------------------------------------------------------------------------------------------
+
 -- name: schema_version
 SELECT schema_version, software_version FROM dsm_schema;
+
+-- name: table_exists
+SELECT to_regclass(:table) IS NOT NULL;
+
+-- name: schema_lock
+-- Serializes joins and migrations across nodes, until the transaction ends (db.migrating).
+SELECT pg_advisory_xact_lock(:key);
+
+-- name: record_schema_version
+INSERT INTO dsm_schema (schema_version, software_version) VALUES (:version, '0')
+ON CONFLICT (singleton) DO UPDATE SET schema_version = excluded.schema_version, updated_at = now();
 
 -- name: get_settings
 SELECT key, value FROM settings;
@@ -53,8 +86,8 @@ SELECT id, status FROM nodes WHERE name = :name;
 -- Jobs held by an earlier incarnation of a node go back to the pool (their attempt is spent,
 -- so the earlier incarnation can no longer complete them). Rows still locked by that
 -- incarnation (frozen mid-commit) are left to the sweep's requeue_orphaned_jobs.
-UPDATE jobs j SET state = 'ready', owner_node = NULL, owner_epoch = NULL, claimed_at = NULL,
-                  deadline = NULL, run_at = now(), last_error = :reason
+UPDATE jobs j SET run_at = now(), last_error = :reason,
+    -- include: unclaimed
 FROM (
     SELECT id FROM jobs
     WHERE owner_node = :node_id AND state = 'running' AND target_node IS NULL
@@ -66,25 +99,21 @@ RETURNING j.id;
 -- name: discard_local_jobs_of_nodes
 -- Local jobs are pinned to their node: when it leaves, they are discarded, never taken over.
 -- Rows locked by a frozen transaction are left to discard_orphaned_local_jobs.
-WITH gone AS (
+WITH finished AS (
     DELETE FROM jobs j
     USING (
         SELECT id FROM jobs WHERE target_node = ANY(CAST(:node_ids AS int[]))
         FOR UPDATE SKIP LOCKED
     ) pinned
     WHERE j.id = pinned.id
-    RETURNING j.*
+    RETURNING j.*, CAST('discarded' AS text) AS outcome, CAST(:reason AS text) AS reason
 )
-INSERT INTO job_history (id, type, payload, outcome, node_id, attempt, priority, target_node,
-                         created_at, claimed_at, finished_at, error)
-SELECT id, type, payload, 'discarded', owner_node, attempt - released_claims, priority,
-       target_node, created_at, claimed_at, clock_timestamp(), :reason
-FROM gone
+-- include: archive_finished
 RETURNING id;
 
 -- name: discard_orphaned_local_jobs
 -- The sweep's catch-all for local jobs: pinned to a node that is no longer online.
-WITH gone AS (
+WITH finished AS (
     DELETE FROM jobs j
     USING (
         SELECT x.id FROM jobs x
@@ -93,13 +122,9 @@ WITH gone AS (
         FOR UPDATE SKIP LOCKED
     ) pinned
     WHERE j.id = pinned.id
-    RETURNING j.*
+    RETURNING j.*, CAST('discarded' AS text) AS outcome, CAST('its node went offline' AS text) AS reason
 )
-INSERT INTO job_history (id, type, payload, outcome, node_id, attempt, priority, target_node,
-                         created_at, claimed_at, finished_at, error)
-SELECT id, type, payload, 'discarded', owner_node, attempt - released_claims, priority,
-       target_node, created_at, claimed_at, clock_timestamp(), 'its node went offline'
-FROM gone
+-- include: archive_finished
 RETURNING id;
 
 -- name: heartbeat
@@ -126,9 +151,9 @@ RETURNING n.id, n.name, extract(epoch FROM now() - n.last_heartbeat) AS silent_s
 -- name: requeue_orphaned_jobs
 -- Running jobs whose owner incarnation is not online go back to the pool: the takeover. Rows a
 -- frozen owner still has locked are taken at a later sweep, once the server ended its session.
-UPDATE jobs j SET state = 'ready', owner_node = NULL, owner_epoch = NULL, claimed_at = NULL,
-                  deadline = NULL, run_at = now(),
-                  last_error = 'taken over: node ' || j.owner_node || ' went offline'
+UPDATE jobs j SET run_at = now(),
+                  last_error = 'taken over: node ' || j.owner_node || ' went offline',
+    -- include: unclaimed
 FROM (
     SELECT x.id FROM jobs x
     WHERE x.state = 'running' AND x.target_node IS NULL
@@ -151,22 +176,19 @@ WITH overdue AS (
     WHERE state = 'running' AND deadline < now() - make_interval(secs => :grace)
     FOR UPDATE SKIP LOCKED
 ), retried AS (
-    UPDATE jobs j SET state = 'ready', owner_node = NULL, owner_epoch = NULL, claimed_at = NULL,
-                      deadline = NULL, run_at = now(),
+    UPDATE jobs j SET run_at = now(),
                       last_error = 'no outcome from node ' || j.owner_node || ' within '
-                                   || j.timeout_seconds || ' s: returned to the pool'
+                                   || j.timeout_seconds || ' s: returned to the pool',
+        -- include: unclaimed
     FROM overdue o WHERE j.id = o.id AND NOT o.exhausted
     RETURNING j.id
-), dead AS (
+), finished AS (
     DELETE FROM jobs j USING overdue o WHERE j.id = o.id AND o.exhausted
-    RETURNING j.*
+    RETURNING j.*, CAST('failed' AS text) AS outcome,
+              'timed out: no outcome from node ' || j.owner_node || ' within '
+              || j.timeout_seconds || ' s' AS reason
 ), failed AS (
-    INSERT INTO job_history (id, type, payload, outcome, node_id, attempt, priority, target_node,
-                             created_at, claimed_at, finished_at, error)
-    SELECT id, type, payload, 'failed', owner_node, attempt - released_claims, priority,
-           target_node, created_at, claimed_at, clock_timestamp(),
-           'timed out: no outcome from node ' || owner_node || ' within ' || timeout_seconds || ' s'
-    FROM dead
+    -- include: archive_finished
     RETURNING id
 )
 SELECT (SELECT count(*) FROM retried) AS retried, (SELECT count(*) FROM failed) AS failed;
@@ -180,9 +202,9 @@ RETURNING id;
 -- Not a failure (a graceful shutdown, a node that fenced itself): the claim is refunded, so it
 -- does not count against max_attempts; the attempt counter itself never goes back, and the
 -- release is fenced like a completion (a job this node lost and claimed again is not touched).
-UPDATE jobs j SET state = 'ready', owner_node = NULL, owner_epoch = NULL, claimed_at = NULL,
-                  deadline = NULL, run_at = now(), last_error = :reason,
-                  released_claims = j.released_claims + 1
+UPDATE jobs j SET run_at = now(), last_error = :reason,
+                  released_claims = j.released_claims + 1,
+    -- include: unclaimed
 FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS int[])) AS r(id, attempt)
 WHERE j.id = r.id AND j.attempt = r.attempt AND j.owner_node = :node_id AND j.state = 'running'
 RETURNING j.id;
@@ -220,6 +242,10 @@ RETURNING id;
 
 -- name: notify_jobs
 SELECT pg_notify('dsm_jobs', '');
+
+-- name: listen_jobs
+-- On a connection of its own (plain psycopg, autocommit): wakes the claim loop on notify_jobs.
+LISTEN dsm_jobs;
 
 -- name: schedule_periodic
 -- The unique (name, slot) row makes one period run once across all nodes, without a leader.
@@ -264,47 +290,33 @@ RETURNING j.id, j.type, j.payload, j.attempt, j.attempt - j.released_claims AS c
           j.max_attempts, j.timeout_seconds, j.target_node,
           extract(epoch FROM now() - j.run_at) AS waited_seconds;
 
--- name: complete_jobs
--- Fenced: only the owner holding the current attempt can finish a job.
-WITH done AS (
+-- name: finish_jobs
+-- Fenced: only the owner holding the current attempt can finish a job. Successes in batches
+-- (outcome 'succeeded', no error), a dead letter alone (outcome 'failed', its error).
+WITH finished AS (
     DELETE FROM jobs j
     USING unnest(CAST(:ids AS bigint[]), CAST(:attempts AS int[])) AS d(id, attempt)
     WHERE j.id = d.id AND j.attempt = d.attempt AND j.owner_node = :node_id AND j.state = 'running'
-    RETURNING j.*
+    RETURNING j.*, CAST(:outcome AS text) AS outcome, CAST(:error AS text) AS reason
 )
-INSERT INTO job_history (id, type, payload, outcome, node_id, attempt, priority, target_node,
-                         created_at, claimed_at, finished_at, error)
-SELECT id, type, payload, 'succeeded', owner_node, attempt - released_claims, priority,
-       target_node, created_at, claimed_at, clock_timestamp(), NULL
-FROM done
-RETURNING id;
-
--- name: fail_job
-WITH done AS (
-    DELETE FROM jobs
-    WHERE id = :id AND attempt = :attempt AND owner_node = :node_id AND state = 'running'
-    RETURNING *
-)
-INSERT INTO job_history (id, type, payload, outcome, node_id, attempt, priority, target_node,
-                         created_at, claimed_at, finished_at, error)
-SELECT id, type, payload, 'failed', owner_node, attempt - released_claims, priority,
-       target_node, created_at, claimed_at, clock_timestamp(), :error
-FROM done
+-- include: archive_finished
 RETURNING id;
 
 -- name: retry_job
-UPDATE jobs SET state = 'ready', owner_node = NULL, claimed_at = NULL, deadline = NULL,
-                run_at = now() + make_interval(secs => :delay), last_error = :error
-WHERE id = :id AND attempt = :attempt AND owner_node = :node_id AND state = 'running'
-RETURNING id;
+-- Fenced like finish_jobs; the attempt stays spent.
+UPDATE jobs j SET run_at = now() + make_interval(secs => :delay), last_error = :error,
+    -- include: unclaimed
+WHERE j.id = :id AND j.attempt = :attempt AND j.owner_node = :node_id AND j.state = 'running'
+RETURNING j.id;
 
 -- name: get_job
+-- A job in the pool (state set, outcome NULL) or finished (outcome set, state NULL).
 SELECT id, type, payload, state, NULL AS outcome, priority, attempt - released_claims AS attempt,
        max_attempts, owner_node AS node_id,
        target_node, created_at, run_at, claimed_at, NULL AS finished_at, last_error AS error, now() AS db_now
 FROM jobs WHERE id = :id
 UNION ALL
-SELECT id, type, payload, 'finished', outcome, priority, attempt, NULL, node_id,
+SELECT id, type, payload, NULL, outcome, priority, attempt, NULL, node_id,
        target_node, created_at, NULL, claimed_at, finished_at, error, now()
 FROM job_history WHERE id = :id;
 
@@ -412,6 +424,9 @@ ON CONFLICT (key) DO UPDATE SET ciphertext = excluded.ciphertext,
 -- name: secret_settings
 SELECT key, ciphertext, key_version FROM secret_settings ORDER BY key;
 
+-- name: secret_setting
+SELECT ciphertext FROM secret_settings WHERE key = :key;
+
 -- name: count_users
 SELECT count(*) AS n FROM users;
 
@@ -443,6 +458,10 @@ ORDER BY key LIMIT :batch FOR UPDATE SKIP LOCKED;
 SELECT (SELECT count(*) FROM secret_settings WHERE key_version <> :version)
      + (SELECT count(*) FROM users WHERE key_version IS DISTINCT FROM :version
                                      AND (full_name IS NOT NULL OR email IS NOT NULL)) AS n;
+
+-- name: lock_encrypted_tables
+-- While a rotation checks that nothing is left under the old key, nobody may write under it.
+LOCK TABLE secret_settings, users IN SHARE MODE;
 
 -- name: set_password_hash
 UPDATE users SET password_hash = :password_hash WHERE id = :id;
@@ -551,3 +570,13 @@ FROM (
 ) s LEFT JOIN nodes n ON n.id = s.node_id
 GROUP BY s.node_id, n.name, s.minute
 ORDER BY 2, 3;
+
+-- ---------------------------------------------------------------------------------------------
+-- Server administration (dsm up's embedded server): plain psycopg, outside any transaction.
+
+-- name: database_exists
+SELECT 1 FROM pg_database WHERE datname = :name;
+
+-- name: create_database
+-- {database} is an identifier quoted by db.admin (CREATE DATABASE takes no bind parameters).
+CREATE DATABASE {database};

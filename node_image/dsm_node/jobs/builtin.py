@@ -13,7 +13,7 @@ import asyncio
 from pydantic import BaseModel, Field
 
 from dsm_node import keys
-from dsm_node.db.queries import Q
+from dsm_node.jobs.pool import JobPool
 from dsm_node.jobs.registry import REGISTRY, JobContext, Payload, Periodic, job_type
 from dsm_node.roles import ADMINISTRATOR
 
@@ -51,14 +51,9 @@ async def clear_caches(ctx: JobContext, payload: Payload) -> None:
 )
 async def rollup_job_counts(ctx: JobContext, payload: Payload) -> None:
     """Rolls finished jobs up into per-minute counts by (node, type, outcome)."""
-    assert ctx.conn is not None
-    row = (await ctx.conn.execute(Q.rollup_job_counts)).one()
-    if row.jobs_counted:
-        ctx.log.info(
-            "rolled up %d finished jobs into %d per-minute counts",
-            row.jobs_counted,
-            row.rows_written,
-        )
+    counted, written = await JobPool.roll_up_counts(ctx.transaction())
+    if counted:
+        ctx.log.info("rolled up %d finished jobs into %d per-minute counts", counted, written)
 
 
 @job_type(
@@ -70,38 +65,27 @@ async def rollup_job_counts(ctx: JobContext, payload: Payload) -> None:
 )
 async def prune_job_history(ctx: JobContext, payload: Payload) -> None:
     """Deletes finished jobs and counts older than their retention, in batches."""
-    assert ctx.conn is not None
-    s = await ctx.services.settings()
-    total = 0
-    while True:
-        r = await ctx.conn.execute(
-            Q.prune_job_history,
-            {"retention": s.job_history_retention_seconds, "batch": 10_000},
-        )
-        total += r.rowcount
-        if r.rowcount < 10_000:
-            break
-    counts = await ctx.conn.execute(
-        Q.prune_job_counts, {"retention": s.job_counts_retention_seconds}
+    s = ctx.services.settings.current()
+    jobs, counts = await JobPool.prune(
+        ctx.transaction(), s.job_history_retention_seconds, s.job_counts_retention_seconds
     )
-    await ctx.conn.execute(Q.prune_periodic_runs, {"retention": s.job_history_retention_seconds})
-    if total or counts.rowcount:
-        ctx.log.info("pruned %d finished jobs and %d per-minute counts", total, counts.rowcount)
+    if jobs or counts:
+        ctx.log.info("pruned %d finished jobs and %d per-minute counts", jobs, counts)
 
 
 @job_type("rotate_master_key", max_attempts=20, timeout=3600, required_role=ADMINISTRATOR)
 async def rotate_master_key(ctx: JobContext, payload: Payload) -> None:
     """Rotates the master key: a new version, then re-encryption in resumable batches."""
-    node = ctx.services
-    version = await keys.begin_rotation(node.engine, node.wrapper)
-    await node.reload_keyring()
+    s = ctx.services
+    version = await keys.begin_rotation(s.engine, s.keys.wrapper)
+    await s.keys.reload(s.engine)
     total = 0
     while True:
-        done = await keys.reencrypt_batch(node.engine, node.keyring)
+        done = await keys.reencrypt_batch(s.engine, s.keys.keyring)
         total += done
         if done:
             continue
-        retired = await keys.finish_rotation(node.engine, version)
+        retired = await keys.finish_rotation(s.engine, version)
         if retired is not None:
             break
     ctx.log.info(

@@ -13,7 +13,6 @@ import json
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -52,6 +51,64 @@ class ClaimedJob:
 class EnqueueResult:
     ids: list[int]
     duplicates: int
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """One job, waiting, running or finished (``attempt`` counts against ``max_attempts``;
+    ``max_attempts`` is None once finished)."""
+
+    id: int
+    type: str
+    payload: Payload
+    state: states.PublicState
+    priority: int
+    attempt: int
+    max_attempts: int | None
+    node_id: int | None  # the node running it, or the one that finished it
+    target_node_id: int | None  # a local job's node
+    created_at: dt.datetime
+    run_at: dt.datetime | None
+    claimed_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class JobCount:
+    """Jobs finished by a node, by type and outcome, over a window."""
+
+    node_id: int
+    node: str
+    type: str
+    outcome: states.Outcome
+    jobs: int
+
+
+@dataclass(frozen=True)
+class MinuteCount:
+    """Jobs a node finished in one minute (the database's clock), all types and outcomes."""
+
+    node_id: int
+    node: str
+    minute: dt.datetime
+    jobs: int
+
+
+@dataclass(frozen=True)
+class Activity:
+    """Jobs per node and minute over a window, and the database's clock when they were read
+    (which minute is "this minute")."""
+
+    db_now: dt.datetime
+    minutes: list[MinuteCount]
+
+
+@dataclass(frozen=True)
+class QueueDepth:
+    type: str
+    state: states.JobState
+    jobs: int
 
 
 class JobPool:
@@ -189,8 +246,14 @@ class JobPool:
         conn: AsyncConnection, node_id: int, done: list[tuple[int, int]]
     ) -> set[int]:
         rows = await conn.execute(
-            Q.complete_jobs,
-            {"node_id": node_id, "ids": [i for i, _ in done], "attempts": [a for _, a in done]},
+            Q.finish_jobs,
+            {
+                "node_id": node_id,
+                "ids": [i for i, _ in done],
+                "attempts": [a for _, a in done],
+                "outcome": states.Outcome.SUCCEEDED.value,
+                "error": None,
+            },
         )
         finished = {int(r.id) for r in rows}
         await faults.point("completion")  # rows deleted, locks held, not committed yet
@@ -203,22 +266,39 @@ class JobPool:
         error: str,
         backoff: states.Backoff,
         rnd: random.Random | None = None,
-    ) -> str | None:
-        """Records a failed attempt: 'retrying' or 'failed', or None when the claim was lost."""
+    ) -> states.AttemptEnd | None:
+        """Records a failed attempt: ``RETRYING`` or ``FAILED``, or None when the claim was
+        lost."""
         decision = states.after_failure(job.counted_attempt, job.max_attempts, backoff, rnd)
-        params: dict[str, Any] = {
-            "id": job.id,
-            "attempt": job.attempt,
-            "node_id": node_id,
-            "error": storable_text(error)[:4000],
-        }
+        stored = storable_text(error)[:4000]
         async with self.engine.begin() as conn:
             if decision.retry:
-                params["delay"] = decision.delay_seconds
-                row = (await conn.execute(Q.retry_job, params)).first()
-                return "retrying" if row else None
-            row = (await conn.execute(Q.fail_job, params)).first()
-            return "failed" if row else None
+                row = (
+                    await conn.execute(
+                        Q.retry_job,
+                        {
+                            "id": job.id,
+                            "attempt": job.attempt,
+                            "node_id": node_id,
+                            "error": stored,
+                            "delay": decision.delay_seconds,
+                        },
+                    )
+                ).first()
+                return states.AttemptEnd.RETRYING if row else None
+            row = (
+                await conn.execute(
+                    Q.finish_jobs,
+                    {
+                        "node_id": node_id,
+                        "ids": [job.id],
+                        "attempts": [job.attempt],
+                        "outcome": states.Outcome.FAILED.value,
+                        "error": stored,
+                    },
+                )
+            ).first()
+            return states.AttemptEnd.FAILED if row else None
 
     async def release(self, node_id: int, held: list[tuple[int, int]], reason: str) -> int:
         """Returns running jobs, given as (id, attempt), to the pool without counting the attempt
@@ -239,56 +319,93 @@ class JobPool:
 
     # -- reading ---------------------------------------------------------------------------
 
-    async def get(self, job_id: int) -> dict[str, Any] | None:
+    async def get(self, job_id: int) -> JobRecord | None:
         async with self.engine.connect() as conn:
-            row = (await conn.execute(Q.get_job, {"id": job_id})).mappings().first()
-        if row is None:
+            r = (await conn.execute(Q.get_job, {"id": job_id})).first()
+        if r is None:
             return None
-        run_at = row["run_at"]
-        return {
-            "id": row["id"],
-            "type": row["type"],
-            "payload": row["payload"],
-            "state": states.public_state(
-                row["state"],
-                row["outcome"],
-                row["attempt"],
-                run_at is not None and run_at > row["db_now"],
+        state = states.JobState(r.state) if r.state is not None else None
+        outcome = states.Outcome(r.outcome) if r.outcome is not None else None
+        return JobRecord(
+            id=int(r.id),
+            type=r.type,
+            payload=r.payload,
+            state=states.public_state(
+                state, outcome, int(r.attempt), r.run_at is not None and r.run_at > r.db_now
             ),
-            "priority": row["priority"],
-            "attempt": row["attempt"],
-            "maxAttempts": row["max_attempts"],
-            "nodeId": row["node_id"],
-            "targetNodeId": row["target_node"],
-            "createdAt": _iso(row["created_at"]),
-            "runAt": _iso(run_at),
-            "claimedAt": _iso(row["claimed_at"]),
-            "finishedAt": _iso(row["finished_at"]),
-            "error": row["error"],
-        }
+            priority=int(r.priority),
+            attempt=int(r.attempt),
+            max_attempts=r.max_attempts,
+            node_id=r.node_id,
+            target_node_id=r.target_node,
+            created_at=r.created_at,
+            run_at=r.run_at,
+            claimed_at=r.claimed_at,
+            finished_at=r.finished_at,
+            error=r.error,
+        )
 
-    async def stats(self, window_seconds: float) -> list[dict[str, Any]]:
+    async def stats(self, window_seconds: float) -> list[JobCount]:
         async with self.engine.connect() as conn:
             rows = await conn.execute(Q.job_stats, {"window": window_seconds})
             return [
-                {
-                    "node": r.node or f"node-{r.node_id}",
-                    "type": r.type,
-                    "outcome": r.outcome,
-                    "count": int(r.jobs),
-                }
+                JobCount(
+                    int(r.node_id),
+                    r.node or f"node-{r.node_id}",
+                    r.type,
+                    states.Outcome(r.outcome),
+                    int(r.jobs),
+                )
                 for r in rows
             ]
 
-    async def queue_depth(self) -> list[tuple[str, str, int]]:
+    async def activity(self, window_seconds: int) -> Activity:
+        """Jobs finished per node and minute over the window (rolled-up minutes and the raw
+        tail, like ``stats``): the console's activity graph."""
         async with self.engine.connect() as conn:
-            return [(r.type, r.state, int(r.n)) for r in await conn.execute(Q.queue_depth)]
+            now: dt.datetime = (await conn.execute(Q.db_clock)).one().db_now
+            rows = await conn.execute(Q.job_activity_by_minute, {"window": window_seconds})
+            minutes = [
+                MinuteCount(int(r.node_id), r.node or f"node-{r.node_id}", r.minute, int(r.jobs))
+                for r in rows
+            ]
+        return Activity(now, minutes)
+
+    async def queue_depth(self) -> list[QueueDepth]:
+        async with self.engine.connect() as conn:
+            return [
+                QueueDepth(r.type, states.JobState(r.state), int(r.n))
+                for r in await conn.execute(Q.queue_depth)
+            ]
+
+    # -- housekeeping, in a transactional job's transaction ---------------------------------
+
+    @staticmethod
+    async def roll_up_counts(conn: AsyncConnection) -> tuple[int, int]:
+        """Rolls closed minutes of job_history into per-minute counts; returns (jobs counted,
+        rows written)."""
+        row = (await conn.execute(Q.rollup_job_counts)).one()
+        return int(row.jobs_counted), int(row.rows_written)
+
+    @staticmethod
+    async def prune(
+        conn: AsyncConnection, history_seconds: float, counts_seconds: float, batch: int = 10_000
+    ) -> tuple[int, int]:
+        """Deletes finished jobs and per-minute counts past their retention (never rows not
+        rolled up yet), and old periodic slots; returns (jobs, counts) deleted."""
+        total = 0
+        while True:
+            r = await conn.execute(
+                Q.prune_job_history, {"retention": history_seconds, "batch": batch}
+            )
+            total += r.rowcount
+            if r.rowcount < batch:
+                break
+        counts = await conn.execute(Q.prune_job_counts, {"retention": counts_seconds})
+        await conn.execute(Q.prune_periodic_runs, {"retention": history_seconds})
+        return total, counts.rowcount
 
 
 def storable_text(s: str) -> str:
     """PostgreSQL text cannot hold NUL (an error message may): a recording must not fail on it."""
     return s.replace("\x00", "\\0").encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def _iso(t: dt.datetime | None) -> str | None:
-    return t.isoformat() if t is not None else None

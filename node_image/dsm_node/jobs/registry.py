@@ -28,6 +28,7 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from dsm_node import roles
+from dsm_node.services import JobServices
 
 Payload = dict[str, Any]
 
@@ -39,9 +40,16 @@ class JobContext:
     job_id: int
     attempt: int
     node_name: str
-    services: Any  # the running node (its caches, settings); typed loosely to avoid a cycle
+    services: JobServices  # the node's caches, settings, master keys (dsm_node.services)
     conn: AsyncConnection | None = None  # only for transactional job types
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("dsm.jobs"))
+
+    def transaction(self) -> AsyncConnection:
+        """The connection of a transactional job type, inside the transaction that completes
+        the job (a job type that is not transactional has none)."""
+        if self.conn is None:
+            raise TypeError("only a transactional job type has a transaction")
+        return self.conn
 
 
 Handler = Callable[[JobContext, Payload], Awaitable[None]]

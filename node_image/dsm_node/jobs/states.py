@@ -20,7 +20,38 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 
+class JobState(StrEnum):
+    """``jobs.state``: the hot table holds only these (finished jobs are in ``job_history``)."""
+
+    READY = "ready"
+    RUNNING = "running"
+
+
 class Outcome(StrEnum):
+    """``job_history.outcome``: how a job left the pool."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    DISCARDED = "discarded"
+
+
+class AttemptEnd(StrEnum):
+    """How one attempt ended on the node that ran it (the ``outcome`` label of ``dsm_jobs``)."""
+
+    SUCCEEDED = "succeeded"
+    RETRYING = "retrying"  # failed, attempts left: back in the pool after a backoff
+    FAILED = "failed"  # failed, none left: a dead letter
+    LOST = "lost"  # another node held the job by then: nothing was recorded
+    ABANDONED = "abandoned"  # cancelled (fenced, lost lease, shutdown): released or taken over
+
+
+class PublicState(StrEnum):
+    """The state a user sees (``GET /api/jobs/{id}``)."""
+
+    SCHEDULED = "scheduled"
+    READY = "ready"
+    RETRYING = "retrying"
+    RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     DISCARDED = "discarded"
@@ -55,12 +86,15 @@ def after_failure(
     return AfterFailure(False)
 
 
-def public_state(state: str, outcome: str | None, attempt: int, run_at_in_future: bool) -> str:
-    """The state a user sees: scheduled, ready, retrying, running, succeeded, failed, discarded."""
-    if state == "finished":
-        return str(outcome)
-    if state == "running":
-        return "running"
+def public_state(
+    state: JobState | None, outcome: Outcome | None, attempt: int, run_at_in_future: bool
+) -> PublicState:
+    """The state a user sees, from a job's row: in the pool (``state``) or finished
+    (``outcome``)."""
+    if outcome is not None:
+        return PublicState(outcome.value)
+    if state is JobState.RUNNING:
+        return PublicState.RUNNING
     if attempt > 0:
-        return "retrying"
-    return "scheduled" if run_at_in_future else "ready"
+        return PublicState.RETRYING
+    return PublicState.SCHEDULED if run_at_in_future else PublicState.READY

@@ -29,6 +29,8 @@ from dsm_node.db.engine import database_unavailable
 from dsm_node.jobs import states
 from dsm_node.jobs.pool import ClaimedJob, JobPool
 from dsm_node.jobs.registry import JobContext, UnknownJobType
+from dsm_node.jobs.states import AttemptEnd
+from dsm_node.services import JobServices
 
 log = logging.getLogger("dsm.jobs")
 
@@ -52,7 +54,7 @@ class Worker:
         self,
         pool: JobPool,
         identity: Callable[[], Identity],
-        services: Any,
+        services: JobServices,
         config: WorkerConfig,
     ) -> None:
         self.pool = pool
@@ -161,7 +163,7 @@ class Worker:
     async def _execute(self, me: Identity, job: ClaimedJob, deadline: float) -> None:
         """Runs one job until ``deadline`` (event-loop time) and records its outcome."""
         started = time.perf_counter()
-        outcome = "succeeded"
+        outcome: AttemptEnd | None = AttemptEnd.SUCCEEDED
         try:
             jt = self.pool.registry.get(job.type)
             ctx = JobContext(job.id, job.counted_attempt, me.name, self.services)
@@ -179,16 +181,16 @@ class Worker:
                     await jt.handler(ctx, job.payload)
                 self._pending_done.append((job.id, job.attempt, job.type))
                 self._done_ready.set()
-                outcome = ""  # counted when the completion is written
+                outcome = None  # counted when the completion is written
         except LostClaim:
-            outcome = "lost"
+            outcome = AttemptEnd.LOST
             log.warning(
                 "job %d (%s): claim lost to another node; its work was rolled back",
                 job.id,
                 job.type,
             )
         except asyncio.CancelledError:
-            outcome = "abandoned"
+            outcome = AttemptEnd.ABANDONED
             raise
         except Exception as e:
             error = (
@@ -206,9 +208,9 @@ class Worker:
                 _child(metrics.JOBS, job.type, outcome).inc()
             _child(metrics.JOB_SECONDS, job.type).observe(time.perf_counter() - started)
 
-    async def _record_failure(self, me: Identity, job: ClaimedJob, error: str) -> str:
-        """Writes a failed attempt; returns the outcome to count, or "" when the failure is kept
-        to be written again later (it is counted then)."""
+    async def _record_failure(self, me: Identity, job: ClaimedJob, error: str) -> AttemptEnd | None:
+        """Writes a failed attempt; returns the outcome to count, or None when the failure is
+        kept to be written again later (it is counted then)."""
         try:
             result = await self.pool.fail(me.node_id, job, error, self.config.backoff)
         except Exception as e:
@@ -220,7 +222,7 @@ class Worker:
                     job.type,
                     _short(e),
                 )
-                return "lost"
+                return AttemptEnd.LOST
             log.warning(
                 "job %d (%s): could not record failure yet, will retry: %s",
                 job.id,
@@ -229,7 +231,7 @@ class Worker:
             )
             self._unrecorded[(job.id, job.attempt)] = (me.node_id, job, error)
             self._done_ready.set()
-            return ""
+            return None
         return _report_failure(job, error, result)
 
     async def flush_failures(self) -> bool:
@@ -290,7 +292,8 @@ class Worker:
             self._pending_done = batch + self._pending_done  # retried on the next flush
             return False
         counts = collections.Counter(
-            (job_type, "succeeded" if job_id in done else "lost") for job_id, _, job_type in batch
+            (job_type, AttemptEnd.SUCCEEDED if job_id in done else AttemptEnd.LOST)
+            for job_id, _, job_type in batch
         )
         for labels, n in counts.items():
             _child(metrics.JOBS, *labels).inc(n)
@@ -324,8 +327,8 @@ class Worker:
         return cut + self.take_abandoned()
 
 
-def _report_failure(job: ClaimedJob, error: str, result: str | None) -> str:
-    """Logs a written failure; returns the outcome to count ("lost" when fenced out)."""
+def _report_failure(job: ClaimedJob, error: str, result: AttemptEnd | None) -> AttemptEnd:
+    """Logs a written failure; returns the outcome to count (``LOST`` when fenced out)."""
     if result is None:
         log.warning(
             "job %d (%s) attempt %d failed (%s), but another node holds it now: not recorded",
@@ -334,8 +337,8 @@ def _report_failure(job: ClaimedJob, error: str, result: str | None) -> str:
             job.counted_attempt,
             error,
         )
-        return "lost"
-    level = logging.WARNING if result == "retrying" else logging.ERROR
+        return AttemptEnd.LOST
+    level = logging.WARNING if result is AttemptEnd.RETRYING else logging.ERROR
     log.log(
         level,
         "job %d (%s) attempt %d/%d failed, %s: %s",

@@ -1,5 +1,4 @@
-"""Containers for the e2e tier: the mini kubelet's image runtime (podman with runc) and the images
-it runs.
+"""Containers for the mini kubelet: its image runtime (podman with runc).
 
 What a pod's container becomes (:func:`run_argv`): ``podman run`` of the pod's image on the host
 network (each pod binds only its own 127.x address, like the process path), with the pod's
@@ -12,11 +11,9 @@ Kubernetes adds none either), ``allowPrivilegeEscalation: false``, capabilities,
 Why podman with ``--runtime runc`` and the ``--ulimit`` options: on these machines crun cannot set
 up cgroups, and podman's default limits exceed what an unprivileged setrlimit may raise.
 
-The images (:func:`build_e2e_images`): the node image that ``make images`` built
-(``localhost/dsm-node:<version>``) plus one layer with the test-only job types
-(``tests/support/jobtypes.py``); the "0.2.0" image also carries the test-only schema migration
-(``tests/support/migrations_v2``), so an upgrade from the 0.1.0 tag to the 0.2.0 tag really
-migrates the schema, as a new release's image would.
+Every container started here is labelled with the test process's pid (:data:`LABEL`), so
+:func:`remove_mine` cleans up after a run and :func:`remove_leftovers` after a killed one. Which
+images exist is the caller's business (tests/support/images.py builds the project's).
 """
 
 from __future__ import annotations
@@ -27,48 +24,27 @@ import os
 import resource
 import shutil
 import subprocess
-import tempfile
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
 PODMAN = "podman"
 LABEL = "dsm-e2e-owner"
 """Every container started here carries ``dsm-e2e-owner=<pid of pytest>``: leftovers of a killed
 run are removed by the next one (:func:`remove_leftovers`)."""
-E2E_REPOSITORY = "localhost/dsm-node-e2e"
-OPERATOR_REPOSITORY = "localhost/dsm-operator"
-NODE_REPOSITORY = "localhost/dsm-node"
 
 
 class ContainerConfigError(Exception):
     """The pod's container cannot be created as specified (CreateContainerConfigError)."""
 
 
-def project_version() -> str:
-    data = tomllib.loads((REPO / "pyproject.toml").read_text())
-    version: str = data["project"]["version"]
-    return version
-
-
 def podman(
     *args: str, check: bool = True, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
+    """``podman ARGS`` to completion, output captured as text."""
     return subprocess.run(
         [PODMAN, *args], capture_output=True, text=True, check=check, timeout=timeout
     )
-
-
-def unavailable_reason(images: list[str]) -> str | None:
-    """Why containers cannot run here (None when they can)."""
-    if shutil.which(PODMAN) is None or shutil.which("runc") is None:
-        return "podman and runc are not installed (make images installs them)"
-    missing = [i for i in images if podman("image", "exists", i, check=False).returncode != 0]
-    if missing:
-        return f"images {missing} are not built (make images)"
-    return None
 
 
 def base_options() -> list[str]:
@@ -83,6 +59,15 @@ def base_options() -> list[str]:
         f"{LABEL}={os.getpid()}",
         "--pull=never",
     ]
+
+
+def available() -> bool:
+    """podman and runc are installed."""
+    return shutil.which(PODMAN) is not None and shutil.which("runc") is not None
+
+
+def image_exists(image: str) -> bool:
+    return podman("image", "exists", image, check=False).returncode == 0
 
 
 def image_user(image: str) -> str:
@@ -206,42 +191,6 @@ def remove_mine() -> None:
     ).stdout
     for n in listing.split():
         remove(n)
-
-
-def build_e2e_images(versions: tuple[str, ...] = ("0.1.0", "0.2.0")) -> dict[str, str]:
-    """version -> image: the node image plus the test job types (and, for every version but the
-    first, the test-only schema migration). Cached by podman's layer cache."""
-    base = f"{NODE_REPOSITORY}:{project_version()}"
-    images = {}
-    with tempfile.TemporaryDirectory(prefix="dsm-e2e-image-") as tmp:
-        context = Path(tmp)
-        shutil.copytree(
-            REPO / "tests" / "support",
-            context / "tests" / "support",
-            ignore=shutil.ignore_patterns("__pycache__"),
-        )
-        (context / "tests" / "__init__.py").write_text("")
-        for i, version in enumerate(versions):
-            lines = [
-                f"FROM {base}",
-                "COPY tests /opt/dsm-e2e/tests",
-                "ENV PYTHONPATH=/opt/dsm-e2e DSM_JOB_MODULES=tests.support.jobtypes",
-            ]
-            if i > 0:
-                lines.append(
-                    "ENV DSM_EXTRA_MIGRATIONS_DIR=/opt/dsm-e2e/tests/support/migrations_v2"
-                )
-            lines.append(f'LABEL org.opencontainers.image.version="{version}"')
-            containerfile = context / f"Containerfile.{version}"
-            containerfile.write_text("\n".join(lines) + "\n")
-            tag = f"{E2E_REPOSITORY}:{version}"
-            podman(
-                "build", "--runtime", "runc", "--pull=never", "--network=none", "--quiet",
-                "-f", str(containerfile), "-t", tag, str(context),
-                timeout=600,
-            )  # fmt: skip
-            images[version] = tag
-    return images
 
 
 def readable_copy(path: Path, directory: Path, uid: int, gid: int) -> Path:

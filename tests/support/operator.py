@@ -1,21 +1,27 @@
-"""Helpers shared by the operator's cluster-tier tests (not a test module, not a conftest):
-a valid resource, polling, the operator run in-process, the questions tests ask of the API, and
-the operator's own pod deletions read from the API server's audit log."""
+"""The operator in its cluster-tier tests (tests/operator/test_cluster_*.py).
+
+Offers :func:`manager_body` (a valid DeepSecurityManager), :func:`running_operator` (the operator
+in-process with ``kopf.testing.KopfRunner``, one namespace), :class:`Api` (the questions tests ask
+of the API: status, conditions, pods, events) and the operator's own pod deletions read from the
+API server's audit log (:func:`operator_deletions`, :func:`assert_deleted_exactly`). The e2e tier's
+counterpart, with the operator as a process and real nodes, is tests/support/e2e.py.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from kopf.testing import KopfRunner
 from kubernetes import client
-from tests.cluster.audit import Request
 
 from dsm_operator.reconcile import names
+from tests.k8s.audit import Request
 
 GROUP, VERSION, PLURAL = names.GROUP, names.VERSION, names.PLURAL
+CHART = Path(__file__).resolve().parents[2] / "helm" / "dsm-operator"
 
 
 def manager_body(name: str = "mgr", **spec: Any) -> dict[str, Any]:
@@ -33,22 +39,6 @@ def manager_body(name: str = "mgr", **spec: Any) -> dict[str, Any]:
         "metadata": {"name": name},
         "spec": {k: v for k, v in base.items() if v is not None},
     }
-
-
-def wait_for(
-    predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.2, what: str = ""
-) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(
-        f"timed out after {timeout:.0f} s waiting for {what or predicate}: {last!r}"
-    )
 
 
 @contextlib.contextmanager
@@ -81,7 +71,8 @@ class Api:
         self.custom.create_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, body)
 
     def get(self, name: str = "mgr") -> dict[str, Any]:
-        return dict(self.custom.get_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, name))
+        body: Any = self.custom.get_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, name)
+        return dict(body)
 
     def patch_spec(self, spec: dict[str, Any], name: str = "mgr") -> None:
         self.custom.patch_namespaced_custom_object(
@@ -107,14 +98,31 @@ class Api:
 
     def uids(self) -> dict[str, str]:
         """Pod name -> uid of the live pods."""
-        return {p.metadata.name: p.metadata.uid for p in self.pods()}
+        return {str(p.metadata.name): str(p.metadata.uid) for p in self.pods()}
 
     def events(self) -> list[tuple[str, str]]:
         return [
-            (e.reason, e.message or "")
+            (str(e.reason), str(e.message or ""))
             for e in self.core.list_namespaced_event(self.ns).items
             if e.involved_object.kind == "DeepSecurityManager"
         ]
+
+
+def install_namespaced_chart(cluster: Any, release: str, namespace: str) -> None:
+    """The operator's chart installed into ``namespace`` with namespaced RBAC and watching only
+    that namespace (the CRD is the test's business: ``--skip-crds``)."""
+    cluster.helm(
+        "install",
+        release,
+        str(CHART),
+        "-n",
+        namespace,
+        "--skip-crds",
+        "--set",
+        "rbac.clusterWide=false",
+        "--set",
+        f"watch.namespaces={{{namespace}}}",
+    )
 
 
 def operator_deletions(cluster: Any, namespace: str) -> list[Request]:

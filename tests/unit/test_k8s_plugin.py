@@ -1,6 +1,7 @@
 """The cluster tier never passes silently: missing binaries skip it with a reason, or fail it in CI.
 
-These run without the control plane; they point the fixture's binary lookup at an empty cache.
+Unit tests of the control-plane plugin (tests/k8s/plugin.py): they start nothing, they point the
+fixture's binary lookup at an empty cache.
 """
 
 from __future__ import annotations
@@ -9,9 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import controlplane, plugin
-
-pytestmark = pytest.mark.cluster
+from tests.k8s import controlplane, plugin
 
 
 @pytest.fixture

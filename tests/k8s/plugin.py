@@ -11,9 +11,9 @@ Fixtures:
   that turn Ready (pod IPs in 127.1.0.0/16).
 - ``k8s_namespace`` (per test): a fresh namespace, deleted afterwards.
 
-Why a plugin module rather than a conftest: tests/e2e and the operator's cluster tests use the same
-session (one control plane per run, a few seconds to start) and the same failure reporting; a plugin
-is registered once with ``pytest_plugins = ["tests.cluster.plugin"]`` in the top-level
+Why a plugin module rather than a conftest: the cluster, operator, monitoring and e2e tiers use the
+same session (one control plane per run, a few seconds to start) and the same failure reporting; a
+plugin is registered once with ``pytest_plugins = ["tests.k8s.plugin"]`` in the top-level
 tests/conftest.py.
 
 Where the binaries are missing (no Go to build them, or ``make k8s`` not run) every test that asks
@@ -36,7 +36,8 @@ from typing import Any
 
 import pytest
 
-from tests.cluster import audit, controlplane
+from tests.k8s import audit, controlplane
+from tests.support import buildcache
 
 FIXTURES = frozenset({"k8s_control_plane", "k8s_workloads", "k8s_namespace"})
 LOG_TAIL_LINES = 60
@@ -114,7 +115,7 @@ def unavailable_reason() -> str | None:
     verdict = "FAILED (CI=true)" if _in_ci() else "SKIPPED"
     return (
         f"CLUSTER TIER {verdict}: Kubernetes {binaries.k8s_version} control plane is not built"
-        f" (missing {', '.join(p.name for p in missing)} in {controlplane.cache_dir() / 'k8s'});"
+        f" (missing {', '.join(p.name for p in missing)} in {buildcache.cache_dir() / 'k8s'});"
         f" {how}"
     )
 

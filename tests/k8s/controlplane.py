@@ -22,26 +22,26 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import ctypes
-import ctypes.util
 import http.client
 import json
 import os
 import shutil
 import signal
-import socket
 import ssl
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import yaml
 
-from tests.cluster import certificates
+from tests.k8s import certificates
+from tests.support import buildcache
+from tests.support.loopback import free_port
+from tests.support.processes import ChildProcess
+from tests.support.waiting import TimedOut, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VERSIONS_FILE = REPO_ROOT / "hack" / "k8s" / "versions.env"
@@ -94,20 +94,9 @@ class ComponentFailed(RuntimeError):
     """A control-plane component exited or did not become healthy in time (log tail attached)."""
 
 
-def cache_dir() -> Path:
-    """Where hack/k8s/build.sh keeps binaries: ``$DSM_CACHE_DIR`` or ``~/.cache/dsm``."""
-    return Path(os.environ.get("DSM_CACHE_DIR") or Path.home() / ".cache" / "dsm")
-
-
 def read_versions(path: Path = VERSIONS_FILE) -> dict[str, str]:
-    """Parse ``hack/k8s/versions.env`` (KEY=value lines, ``#`` comments)."""
-    versions: dict[str, str] = {}
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if line and not line.startswith("#") and "=" in line:
-            key, value = line.split("=", 1)
-            versions[key.strip()] = value.strip()
-    return versions
+    """The pins of ``hack/k8s/versions.env``."""
+    return buildcache.read_versions(path)
 
 
 @dataclass(frozen=True)
@@ -126,7 +115,7 @@ class Binaries:
     @classmethod
     def locate(cls, cache: Path | None = None) -> Binaries:
         v = read_versions()
-        root = (cache or cache_dir()) / "k8s"
+        root = (cache or buildcache.cache_dir()) / "k8s"
         k8s_bin = root / v["K8S_VERSION"] / "bin"
         kwok_dir = root / "tools" / f"kwok-{v['KWOK_VERSION']}"
         return cls(
@@ -171,75 +160,17 @@ def go_toolchain() -> str | None:
     return shutil.which("go") or (fallback if os.access(fallback, os.X_OK) else None)
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        port: int = s.getsockname()[1]
-        return port
+class Component(ChildProcess):
+    """One control-plane program with its own log file (the command line first), killed with the
+    test process if that dies (pytest-timeout's thread method and a killed pytest skip every
+    teardown)."""
 
-
-# Loaded in the parent: the child between fork and exec must only make the one system call.
-_LIBC = (
-    ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform == "linux" else None
-)
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGKILL when pytest dies, so no component outlives a run
-    (pytest-timeout's thread method and a killed pytest skip every teardown)."""
-    if _LIBC is not None:
-        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-@dataclass
-class Component:
-    """One process with its own log file."""
-
-    name: str
-    argv: list[str]
-    log_path: Path
-    process: subprocess.Popen[bytes] | None = None
-    _log: IO[bytes] | None = field(default=None, repr=False)
-
-    def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = self.log_path.open("ab")
-        self._log.write(f"$ {' '.join(self.argv)}\n".encode())
-        self._log.flush()
-        self.process = subprocess.Popen(
-            self.argv,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=_die_with_parent if _LIBC is not None else None,
-        )
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def stop(self, grace: float = 10.0) -> None:
-        proc = self.process
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+    def __init__(self, name: str, argv: Sequence[str], log_path: Path) -> None:
+        super().__init__(argv, log_path, new_session=True, bound_to_parent=True, header=True)
+        self.name = name
 
     def log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return "(no log file)"
-        return "\n".join(text.splitlines()[-lines:])
+        return super().log_tail(lines) if self.log_path.exists() else "(no log file)"
 
 
 class ControlPlane:
@@ -446,7 +377,7 @@ class ControlPlane:
     def stop(self) -> None:
         """Stop every component, newest first; logs and the working directory stay for reading."""
         for component in reversed(list(self.components.values())):
-            component.stop()
+            component.stop(grace=10)
         self.workloads_running = False
 
     def api_client(self) -> Any:
@@ -487,24 +418,24 @@ class ControlPlane:
         return component
 
     def _wait(self, component: Component, ready: Callable[[], bool]) -> None:
-        deadline = time.monotonic() + self.start_timeout
-        delay = 0.05
-        while True:
+        """Until ``ready()`` (a health endpoint: there is nothing to wait on instead); raises
+        :class:`ComponentFailed` with the log tail if the component exits or stays unhealthy."""
+
+        def alive_and_ready() -> bool:
             if not component.running:
-                code = component.process.returncode if component.process else None
                 raise ComponentFailed(
-                    f"{component.name} exited with code {code} during start-up; "
-                    f"log {component.log_path}:\n{component.log_tail()}"
+                    f"{component.name} exited with code {component.returncode} during start-up;"
+                    f" log {component.log_path}:\n{component.log_tail()}"
                 )
-            if ready():
-                return
-            if time.monotonic() > deadline:
-                raise ComponentFailed(
-                    f"{component.name} not healthy after {self.start_timeout:.0f} s; "
-                    f"log {component.log_path}:\n{component.log_tail()}"
-                )
-            time.sleep(delay)  # polling a health endpoint: there is nothing to wait on instead
-            delay = min(delay * 1.5, 0.5)
+            return ready()
+
+        try:
+            wait_until(alive_and_ready, self.start_timeout, f"{component.name} healthy", None, 0.5)
+        except TimedOut:
+            raise ComponentFailed(
+                f"{component.name} not healthy after {self.start_timeout:.0f} s; "
+                f"log {component.log_path}:\n{component.log_tail()}"
+            ) from None
 
     def _client_tls(self) -> ssl.SSLContext:
         assert self._pki is not None
@@ -621,7 +552,7 @@ def running(workdir: Path, *, workloads: bool = False) -> Iterator[ControlPlane]
 
 
 if __name__ == "__main__":
-    # Manual use: python -m tests.cluster.controlplane [workdir] -- start everything, print the
+    # Manual use: python -m tests.k8s.controlplane [workdir] -- start everything, print the
     # kubeconfig path, wait for Ctrl-C.
     import tempfile
 

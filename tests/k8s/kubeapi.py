@@ -1,4 +1,6 @@
-"""A small, thread-safe Kubernetes REST client on plain ``http.client`` for the e2e tier.
+"""A small, thread-safe Kubernetes REST client on plain ``http.client``: :class:`KubeApi` (calls,
+server-side apply, merge patches, watches) and :class:`ApiError`. Used by the mini kubelet and the
+e2e tier.
 
 Why not the official client: the mini kubelet needs exact control over content types (merge
 patches of the status subresource, server-side apply), watch streams (resourceVersion, bookmarks,

@@ -5,8 +5,8 @@ reconciling.
 
 Run (needs the control plane built by ``make k8s`` and PostgreSQL's server binaries)::
 
-    .venv/bin/python -m tests.e2e.figures                 # reconcile interval 1 s and 10 s
-    .venv/bin/python -m tests.e2e.figures --intervals 10 --runs 3
+    .venv/bin/python -m bench.operator_figures                 # reconcile interval 1 s and 10 s
+    .venv/bin/python -m bench.operator_figures --intervals 10 --runs 3
 
 It starts its own control plane, PostgreSQL and mini kubelet in a temporary directory, and
 prints a Markdown table. Definitions:
@@ -34,15 +34,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.k8s import controlplane
+from tests.k8s.kubeapi import KubeApi
+from tests.k8s.kubelet import KubeletEvent, MiniKubelet
+from tests.support import e2e
+from tests.support.jobtypes import CREATE_EFFECTS
+from tests.support.nodes import query, set_settings
+from tests.support.waiting import wait_until
+
 from dsm_node.db import migrating
 from dsm_node.db.engine import create_engine
 from dsm_node.embedded_pg import EmbeddedPostgres
-from tests.cluster import controlplane
-from tests.e2e import harness
-from tests.e2e.kubeapi import KubeApi
-from tests.e2e.kubelet import KubeletEvent, MiniKubelet
-from tests.support.jobtypes import CREATE_EFFECTS
-from tests.support.nodes import set_settings
 
 TEMPLATE = "e2e_figures_template"
 
@@ -57,7 +59,7 @@ class RssSampler(threading.Thread):
     def run(self) -> None:
         while not self.stop_event.wait(0.1):
             try:
-                self.samples.append(harness.rss_kib(self.pid))
+                self.samples.append(e2e.rss_kib(self.pid))
             except (OSError, KeyError):
                 return
 
@@ -129,7 +131,7 @@ def one_run(
 
     ns = f"figures-{n}"
     api.expect("POST", "/api/v1/namespaces", {"metadata": {"name": ns}})
-    harness.wait_for(
+    wait_until(
         lambda: api.get(f"/api/v1/namespaces/{ns}/serviceaccounts/default") is not None,
         30,
         "default service account",
@@ -138,43 +140,39 @@ def one_run(
     with psycopg.connect(pg.admin_url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{db}" TEMPLATE "{TEMPLATE}"')
     url = pg.url(db)
-    harness.query(url, CREATE_EFFECTS)
+    query(url, CREATE_EFFECTS)
     set_settings(
         url,
-        heartbeat_interval_seconds=harness.HEARTBEAT_INTERVAL,
-        offline_threshold_seconds=harness.OFFLINE_THRESHOLD,
+        heartbeat_interval_seconds=e2e.HEARTBEAT_INTERVAL,
+        offline_threshold_seconds=e2e.OFFLINE_THRESHOLD,
     )
-    manager = harness.Manager(api, kubelet, ns, url)
+    manager = e2e.Manager(api, kubelet, ns, url)
     manager.create_secrets()
-    operator = harness.OperatorProcess(
+    operator = e2e.OperatorProcess(
         kubeconfig, ns, workdir / f"operator-{n}.log", reconcile_interval=interval
     ).start()
     try:
         time.sleep(5)  # settle after start-up
-        idle_before = statistics.mean(harness.rss_kib(operator.pid) for _ in range(3))
+        idle_before = statistics.mean(e2e.rss_kib(operator.pid) for _ in range(3))
         sampler = RssSampler(operator.pid)
         sampler.start()
         t0 = time.time()
         manager.apply(nodes=nodes)
-        harness.wait_for(
-            lambda: manager.all_online(nodes, "0.1.0"), 600, "all Online", interval=0.1
-        )
+        wait_until(lambda: manager.all_online(nodes, "0.1.0"), 600, "all Online")
         elapsed = time.time() - t0
         starts = node_start_times(kubelet.events_of(ns), t0)
         upgrade_s = None
         if upgrade:
             t1 = time.time()
             manager.patch_spec(version="0.2.0")
-            harness.wait_for(
-                lambda: manager.all_online(nodes, "0.2.0"), 900, "upgraded", interval=0.1
-            )
+            wait_until(lambda: manager.all_online(nodes, "0.2.0"), 900, "upgraded")
             upgrade_s = time.time() - t1
         peak = max(sampler.stop() or [0])
         idle: list[int] = []
         for _ in range(20):
             time.sleep(0.5)
-            idle.append(harness.rss_kib(operator.pid))
-        hwm = harness.rss_kib(operator.pid, "VmHWM")
+            idle.append(e2e.rss_kib(operator.pid))
+        hwm = e2e.rss_kib(operator.pid, "VmHWM")
         return Run(
             nodes,
             interval,
@@ -198,7 +196,7 @@ def one_run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.e2e.figures", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.operator_figures", description=__doc__)
     parser.add_argument("--intervals", type=float, nargs="+", default=[1.0, 10.0])
     parser.add_argument("--nodes", type=int, nargs="+", default=[1, 3])
     parser.add_argument("--runs", type=int, default=1)
@@ -213,12 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         make_template(pg)
         with controlplane.running(workdir / "k8s", workloads=True) as plane:
             api = KubeApi(plane.kubeconfig)
-            harness.install_crd(api)
-            kubelet = MiniKubelet(api, workdir / "kubelet")
-            kubelet.add_env_rule(
-                {"DSM_SOFTWARE_VERSION": "0.2.0"},
-                {"DSM_EXTRA_MIGRATIONS_DIR": str(harness.V2_MIGRATIONS)},
-            )
+            e2e.install_crd(api)
+            kubelet = e2e.dsm_kubelet(api, workdir / "kubelet")
             kubelet.start()
             try:
                 for interval in args.intervals:

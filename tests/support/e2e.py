@@ -1,7 +1,11 @@
-"""What the e2e tests and ``figures.py`` share: the CRD, the operator as a subprocess, one
-DeepSecurityManager with its database and Secrets, the nodes' API, and job producers.
+"""What the e2e tests (and bench/operator_figures.py) share: the mini kubelet set up to run dsm
+nodes, the CRD, the operator as a subprocess, one DeepSecurityManager with its database and
+Secrets, the nodes' API, and job producers.
 
-No pytest here, so that ``python -m tests.e2e.figures`` can use it without a test session.
+Offers :func:`dsm_kubelet`, :func:`install_crd`, :class:`OperatorProcess`, :class:`Manager`,
+:func:`node_request`, :class:`JobProducer`, :func:`rss_kib` and the e2e cluster timing
+(:data:`HEARTBEAT_INTERVAL`, :data:`OFFLINE_THRESHOLD`). No pytest here, so that the figures
+script can use it without a test session.
 """
 
 from __future__ import annotations
@@ -9,25 +13,25 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import ssl
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import yaml
 
-from tests.e2e import containers
-from tests.e2e.kubeapi import KubeApi
-from tests.e2e.kubelet import NODE_LABEL, TOLERATION, MiniKubelet
+from tests.k8s import containers
+from tests.k8s.kubeapi import KubeApi
+from tests.k8s.kubelet import NODE_LABEL, TOLERATION, MiniKubelet
+from tests.support.loopback import free_port
+from tests.support.nodes import query
+from tests.support.processes import ChildProcess
+from tests.support.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_FILE = REPO / "crds" / "deepsecuritymanagers.yaml"
@@ -39,13 +43,36 @@ HEARTBEAT_INTERVAL = 1.0
 exist): short enough for quick tests, long enough that a loaded 2-core machine does not flap
 readiness (``/readyz`` fails when the last heartbeat is older than 2 intervals + 1 s)."""
 OFFLINE_THRESHOLD = 10.0
+NODE_PORTS = (4119, 4120)
+"""The ports every node pod binds on its own address (the product's fixed ports)."""
+
+
+def dsm_kubelet(api: KubeApi, workdir: Path) -> MiniKubelet:
+    """A mini kubelet that runs the operator's node pods as dsm nodes: the pod's ``dsm`` command
+    as ``python -m dsm_node`` with the test job types, the pod IP in ``DSM_BIND_ADDRESS``, and the
+    "next version" 0.2.0 with a test-only schema migration (tests/support/migrations_v2)."""
+    kubelet = MiniKubelet(
+        api,
+        workdir,
+        commands={"dsm": [sys.executable, "-m", "dsm_node"]},
+        extra_env={
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+            "DSM_JOB_MODULES": "tests.support.jobtypes",
+        },
+        pod_ip_env="DSM_BIND_ADDRESS",
+        pod_ports=NODE_PORTS,
+    )
+    kubelet.add_env_rule(
+        {"DSM_SOFTWARE_VERSION": "0.2.0"}, {"DSM_EXTRA_MIGRATIONS_DIR": str(V2_MIGRATIONS)}
+    )
+    return kubelet
 
 
 def install_crd(api: KubeApi, timeout: float = 30.0) -> None:
     body = yaml.safe_load(CRD_FILE.read_text())
     name = body["metadata"]["name"]
     api.apply(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}", body)
-    wait_for(
+    wait_until(
         lambda: any(
             c["type"] == "Established" and c["status"] == "True"
             for c in (
@@ -59,39 +86,11 @@ def install_crd(api: KubeApi, timeout: float = 30.0) -> None:
         "CRD established",
     )
     # Right after a CRD is established its storage may still answer 429 "(re)initializing".
-    wait_for(
+    wait_until(
         lambda: api.call("GET", f"/apis/{GROUP}/{VERSION}/{PLURAL}")[0] == 200,
         timeout,
         "the custom resource's storage",
     )
-
-
-def wait_for(
-    predicate: Callable[[], Any],
-    timeout: float,
-    what: str,
-    detail: Callable[[], str] | None = None,
-    interval: float = 0.25,
-) -> Any:
-    """Poll until ``predicate`` returns something truthy; AssertionError naming ``what``."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    extra = ("\n" + detail()) if detail else ""
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}: {last!r}{extra}")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def rss_kib(pid: int, key: str = "VmRSS") -> int:
@@ -133,7 +132,7 @@ class OperatorProcess:
         self.node_repository = node_repository
         self.metrics_port = free_port()
         self.liveness_port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.child: ChildProcess | None = None
         self.container_name: str | None = None
 
     def _settings(self) -> dict[str, str]:
@@ -193,23 +192,16 @@ class OperatorProcess:
 
     def start(self, timeout: float = 60.0) -> OperatorProcess:
         argv, env = self._command()
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as out:
-            self.proc = subprocess.Popen(
-                argv,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        wait_for(self._live, timeout, "operator liveness endpoint", self.log_tail)
+        self.child = ChildProcess(argv, self.log_path, env=env, new_session=True).start()
+        wait_until(self._live, timeout, "operator liveness endpoint", self.log_tail)
         return self
 
     def _live(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise AssertionError(f"operator exited with {self.proc.returncode}:\n{self.log_tail()}")
+        assert self.child is not None
+        if not self.child.running:
+            raise AssertionError(
+                f"operator exited with {self.child.returncode}:\n{self.log_tail()}"
+            )
         try:
             url = f"http://127.0.0.1:{self.liveness_port}/healthz"
             with urllib.request.urlopen(url, timeout=2) as r:
@@ -219,25 +211,22 @@ class OperatorProcess:
 
     @property
     def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+        assert self.child is not None
+        return self.child.pid
 
     def stop(self, timeout: float = 30.0) -> int | None:
-        if self.proc is None:
+        if self.child is None:
             return None
-        if self.proc.poll() is None:
-            if self.container_name is not None:
-                containers.kill(self.container_name, "TERM")
-            else:
-                self.proc.send_signal(signal.SIGTERM)
+        proc = self.child.proc
+        if proc is not None and self.container_name is not None and proc.poll() is None:
+            containers.kill(self.container_name, "TERM")  # `podman run` ends with its container
             try:
-                self.proc.wait(timeout)
+                proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                if self.container_name is not None:
-                    containers.remove(self.container_name)
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
+                containers.remove(self.container_name)
+                self.child.kill()
+            return proc.returncode
+        return self.child.stop(timeout)
 
     def metrics(self) -> str:
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
@@ -249,12 +238,6 @@ class OperatorProcess:
 
     def log_tail(self, n: int = 80) -> str:
         return "\n".join(self.log_text().splitlines()[-n:])
-
-
-def query(url: str, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
-    with psycopg.connect(url, autocommit=True) as conn:
-        cur = conn.execute(sql, params)
-        return cur.fetchall() if cur.description is not None else []
 
 
 @dataclass

@@ -14,10 +14,11 @@ keeps its Lease and Ready condition fresh, and for every pod the scheduler binds
   metadata.name / metadata.namespace / metadata.uid / spec.nodeName / status.podIP / status.hostIP)
   and ``envFrom``;
 - runs the container's command (mapped through :attr:`MiniKubelet.commands`, e.g. ``dsm`` ->
-  ``python -m dsm_node``) in a clean environment plus :attr:`MiniKubelet.extra_env` and
-  version rules (:meth:`MiniKubelet.add_env_rule`), one log file per process -- or, for a pod
-  whose image belongs to :attr:`MiniKubelet.container_images`, runs that image in podman with
-  the pod's environment, volumes and securityContext (:mod:`tests.e2e.containers`);
+  ``python -m dsm_node``) in a clean environment plus :attr:`MiniKubelet.extra_env`, rules
+  (:meth:`MiniKubelet.add_env_rule`) and the pod IP in :attr:`MiniKubelet.pod_ip_env`, one log
+  file per process -- or, for a pod whose image belongs to :attr:`MiniKubelet.container_images`,
+  runs that image in podman with the pod's environment, volumes and securityContext
+  (:mod:`tests.k8s.containers`);
 - writes the pod status through the status subresource (phase, IPs, conditions,
   containerStatuses) with Ready driven by REALLY running the readiness probe (httpGet, HTTPS
   without verification, or tcpSocket); the startup probe gates readiness and liveness as in a
@@ -45,8 +46,6 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import contextlib
-import ctypes
-import ctypes.util
 import datetime
 import http.client
 import itertools
@@ -58,37 +57,33 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.e2e import containers
-from tests.e2e.kubeapi import ApiError, KubeApi
+from tests.k8s import containers
+from tests.k8s.kubeapi import ApiError, KubeApi
+from tests.support.loopback import bindable
+from tests.support.processes import die_with_parent
 
-log = logging.getLogger("e2e.kubelet")
+log = logging.getLogger("tests.k8s.kubelet")
 
-REPO = Path(__file__).resolve().parents[2]
 NODE_LABEL = "dsm-e2e"
+"""The default label (``<label>=true``) and taint key of the kubelet's Node."""
 NODE_TAINT = {"key": NODE_LABEL, "value": "true", "effect": "NoSchedule"}
 """Pods must tolerate this to land on the kubelet's node (see :data:`TOLERATION`)."""
 TOLERATION = {"key": NODE_LABEL, "operator": "Equal", "value": "true", "effect": "NoSchedule"}
+
+
+def toleration(label: str = NODE_LABEL) -> dict[str, str]:
+    """What a pod needs to tolerate the taint of a kubelet whose node label is ``label``."""
+    return {"key": label, "operator": "Equal", "value": "true", "effect": "NoSchedule"}
+
+
 HOST_IP = "127.0.0.1"
-
-_LIBC = (
-    ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform == "linux" else None
-)
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL when the spawning thread (the supervisor) ends, so a
-    killed pytest leaves no node process behind."""
-    if _LIBC is not None:
-        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def now_rfc3339() -> str:
@@ -128,18 +123,9 @@ class AddressPool:
             for _ in range(10_000):
                 n = next(self._n)
                 ip = f"127.{self.second}.{(n // 250) % 250}.{n % 250 + 1}"
-                if all(_bindable(ip, p) for p in self.ports):
+                if all(bindable(ip, p) for p in self.ports):
                     return ip
         raise RuntimeError("no free loopback pod address")
-
-
-def _bindable(ip: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((ip, port))
-        except OSError:
-            return False
-    return True
 
 
 @dataclass
@@ -208,32 +194,49 @@ class PodRunner:
 
 
 class MiniKubelet:
+    """The kubelet of one Node (see the module's docstring); :meth:`start`, then :meth:`stop`.
+
+    What a pod runs is the caller's choice: ``commands`` maps a container command's first word
+    to a local program (a container whose command is not there fails with
+    CreateContainerConfigError), ``extra_env`` is added to every local process, ``pod_ip_env``
+    names the variable that carries the pod's IP (set last, for processes and containers, so that
+    a program binds only its own address), and ``pod_ports`` are ports a pod IP is checked free
+    for before it is handed out.
+    """
+
     def __init__(
         self,
         api: KubeApi,
         workdir: Path,
         *,
+        commands: Mapping[str, Sequence[str]] | None = None,
+        extra_env: Mapping[str, str] | None = None,
+        pod_ip_env: str | None = None,
+        pod_ports: tuple[int, ...] = (),
         node_name: str = "e2e-kubelet",
+        node_label: str = NODE_LABEL,
         second_octet: int | None = None,
         probe_period_cap: float = 1.0,
     ) -> None:
         self.api = api
         self.workdir = workdir
         self.node_name = node_name
+        self.node_label = node_label
+        """The Node carries ``<node_label>=true`` and a NoSchedule taint of that key: only pods
+        that select and tolerate it (:func:`toleration`) land here."""
         self.probe_period_cap = probe_period_cap
         self.addresses = AddressPool(
-            second_octet if second_octet is not None else 64 + os.getpid() % 64, (4119, 4120)
+            second_octet if second_octet is not None else 64 + os.getpid() % 64, pod_ports
         )
-        self.commands: dict[str, list[str]] = {"dsm": [sys.executable, "-m", "dsm_node"]}
+        self.commands: dict[str, list[str]] = {k: list(v) for k, v in (commands or {}).items()}
         """argv[0] of a container command -> the local argv prefix that replaces it."""
         self.container_images: tuple[str, ...] = ()
         """Image repositories (``localhost/dsm-node-e2e``) whose pods run as real containers
-        (podman, :mod:`tests.e2e.containers`); every other pod runs as a local process."""
-        self.extra_env: dict[str, str] = {
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-            "DSM_JOB_MODULES": "tests.support.jobtypes",
-        }
-        """Added to every process; ``DSM_BIND_ADDRESS`` is always the pod IP on top of this."""
+        (podman, :mod:`tests.k8s.containers`); every other pod runs as a local process."""
+        self.extra_env: dict[str, str] = dict(extra_env or {})
+        """Added to every local process (after the pod's own environment and the rules)."""
+        self.pod_ip_env = pod_ip_env
+        """The variable that carries the pod IP, set on top of everything else (None: not set)."""
         self._env_rules: list[tuple[dict[str, str], dict[str, str]]] = []
         self.events: list[KubeletEvent] = []
         self.runners: dict[str, PodRunner] = {}
@@ -404,7 +407,7 @@ class MiniKubelet:
             "metadata": {
                 "name": self.node_name,
                 "labels": {
-                    NODE_LABEL: "true",
+                    self.node_label: "true",
                     "kubernetes.io/hostname": self.node_name,
                     "kubernetes.io/os": "linux",
                     "kubernetes.io/arch": "amd64",
@@ -412,7 +415,7 @@ class MiniKubelet:
             },
             # Only pods that tolerate this run here: the cluster and operator tiers share the
             # session's control plane, and their pods must stay on kwok's node.
-            "spec": {"taints": [NODE_TAINT]},
+            "spec": {"taints": [{"key": self.node_label, "value": "true", "effect": "NoSchedule"}]},
             "status": self._node_status(),
         }
         status, reply = self.api.call("POST", "/api/v1/nodes", node)
@@ -469,7 +472,7 @@ class MiniKubelet:
             taints = [
                 t
                 for t in (node.get("spec") or {}).get("taints") or []
-                if t.get("key") != NODE_TAINT["key"]
+                if t.get("key") != self.node_label
             ]
             if not any(t.get("effect") in ("NoSchedule", "NoExecute") for t in taints):
                 return
@@ -698,7 +701,7 @@ class MiniKubelet:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent if _LIBC is not None else None,
+                preexec_fn=die_with_parent,
             )
         r.container_started_at = now_rfc3339()
         r.kill_deadline = None
@@ -798,7 +801,7 @@ class MiniKubelet:
         return mounts
 
     def _container_run(self, r: PodRunner) -> tuple[list[str], dict[str, str]]:
-        """``podman run`` of the pod's image (see :mod:`tests.e2e.containers`)."""
+        """``podman run`` of the pod's image (see :mod:`tests.k8s.containers`)."""
         c = r.container
         pod_context = r.pod["spec"].get("securityContext") or {}
         image = str(c["image"])
@@ -810,7 +813,8 @@ class MiniKubelet:
         fs_group = pod_context.get("fsGroup")
         mounts = self._materialize_volumes(r, int(fs_group) if fs_group is not None else 0)
         env = self._resolve_env(r)
-        env["DSM_BIND_ADDRESS"] = r.ip  # host network: each pod binds only its own address
+        if self.pod_ip_env:  # host network: each pod binds only its own address
+            env[self.pod_ip_env] = r.ip
         read_only = {
             m["mountPath"].rstrip("/"): bool(m.get("readOnly")) for m in c.get("volumeMounts") or []
         }
@@ -844,7 +848,8 @@ class MiniKubelet:
             if all(env.get(k) == v for k, v in match.items()):
                 env.update(extra)
         env.update(self.extra_env)
-        env["DSM_BIND_ADDRESS"] = r.ip  # never 0.0.0.0: each pod binds only its own address
+        if self.pod_ip_env:  # never 0.0.0.0: each pod binds only its own address
+            env[self.pod_ip_env] = r.ip
         base = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": str(r.workdir),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.containers import ContainerConfigError, run_argv, security_args
+from tests.k8s.containers import ContainerConfigError, run_argv, security_args
 
 RESTRICTED_POD = {
     "runAsNonRoot": True,
