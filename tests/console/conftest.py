@@ -15,8 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
+from tests.console.helpers import LONG
 from tests.support.nodes import REPO
 
 CHROMIUM = os.environ.get("DSM_CHROMIUM", "/usr/bin/chromium")
@@ -44,6 +45,10 @@ def browser() -> Iterator[Browser]:
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
+    # Every wait is judged by what the page shows; the bound only ends a test that is failing.
+    # Playwright's default (5 s for an assertion) is a timed assertion on a busy machine: a
+    # sign-in (Argon2 on 2 shared cores) or a live refresh may take longer and still be right.
+    expect.set_options(timeout=LONG)
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield b
@@ -68,7 +73,7 @@ def context(browser: Browser) -> Iterator[BrowserContext]:
     ctx = browser.new_context(
         ignore_https_errors=True, viewport=DESKTOP, locale="en-GB", timezone_id="UTC"
     )
-    ctx.set_default_timeout(30_000)
+    ctx.set_default_timeout(LONG)  # actions and navigations: a bound, not a measure
     yield ctx
     ctx.close()
 

@@ -82,5 +82,11 @@ def csrf_of(page: Page) -> str:
 
 
 def data(locator: Locator, *names: str) -> list[dict[str, Any]]:
-    """The named data attributes of every element the locator finds."""
-    return [{n: el.get_attribute(f"data-{n}") for n in names} for el in locator.element_handles()]
+    """The named data attributes of every element the locator finds, read in one go (a live
+    refresh swapping the region cannot mix two versions of the page)."""
+    result: list[dict[str, Any]] = locator.evaluate_all(
+        """(els, names) => els.map(e =>
+            Object.fromEntries(names.map(n => [n, e.getAttribute('data-' + n)])))""",
+        list(names),
+    )
+    return result

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import http.server
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,6 @@ from playwright.sync_api import Browser, BrowserContext, Page, expect
 from tests.console.helpers import (
     ADMIN_PASSWORD,
     AUDITOR_PASSWORD,
-    LONG,
     create_auditor,
     csrf_of,
     data,
@@ -97,7 +96,7 @@ def test_a_killed_node_turns_offline_without_a_reload(
         expect(status_cell(page, name)).to_have_text("Online")
     page.evaluate("window.notReloaded = true")
     three.kill()
-    expect(status_cell(page, "node-3")).to_have_text("Offline", timeout=LONG)
+    expect(status_cell(page, "node-3")).to_have_text("Offline")
     assert page.evaluate("window.notReloaded === true"), "the page was reloaded"
     expect(status_cell(page, "node-1")).to_have_text("Online")
     # the words say it, and the icon beside them says it too (not colour alone)
@@ -137,18 +136,33 @@ def test_decommission_is_refused_with_the_reason_while_online_and_done_when_offl
     shot(page, artifacts, "audit-log", readme=True)
 
 
-def _stable_stats(node: NodeProcess, read_page: Any) -> tuple[dict[str, Any], Any]:
-    """The API's stats and what the page shows, read between two equal API answers (periodic
-    jobs may finish at any moment; counts in the last hour only grow during a test)."""
+Stats = dict[str, Any]
 
-    def attempt() -> tuple[dict[str, Any], Any] | None:
+
+def _agree(
+    node: NodeProcess, read_page: Callable[[], Any], check: Callable[[Stats, Any], None]
+) -> None:
+    """Waits until ``check(stats, shown)`` passes for the API's stats and what the page shows,
+    with the API's answer unchanged around the page read (periodic jobs may finish at any
+    moment). Judged by behaviour, not time: the page refreshes itself every heartbeat, so it
+    may lag the API by a refresh and must catch up by itself. When it never does, the failure
+    names the last difference."""
+    last: list[str] = []
+
+    def attempt() -> bool:
         before = node.request("GET", "/api/jobs/stats")[1]
         shown = read_page()
         after = node.request("GET", "/api/jobs/stats")[1]
-        return (after, shown) if before == after else None
+        if before != after:
+            return False
+        try:
+            check(after, shown)
+        except AssertionError as e:
+            last[:] = [f"last difference: {e}"]
+            return False
+        return True
 
-    result: tuple[dict[str, Any], Any] = wait_until(attempt, 60, "stable job counts")
-    return result
+    wait_until(attempt, 60, "the page to show the API's counts", detail=lambda: "".join(last))
 
 
 def test_each_graph_shows_the_counts_the_api_reports(
@@ -170,72 +184,116 @@ def test_each_graph_shows_the_counts_the_api_reports(
         120,
         "the jobs to finish",
     )
+    statuses = api_statuses(one)
     sign_in(page, one.url)
     nav(page, "System Information").click()
+
+    def stats_now() -> Stats:
+        status, body = one.request("GET", "/api/jobs/stats")
+        assert status == 200, body
+        return dict(body)
 
     def show(graph: str) -> None:
         page.get_by_label("Graph", exact=True).select_option(graph)
         page.get_by_role("button", name="Show").click()
         expect(page.locator("#graph-region")).to_have_attribute("data-graph", graph)
 
+    def every_node(stats: Stats) -> dict[str, int]:
+        """Jobs by node as a graph shows them: idle nodes with 0, departed ones too."""
+        return {n: stats["byNode"].get(n, 0) for n in {*statuses, *stats["byNode"]}}
+
     show("map")
     per_minute_script = """[...document.querySelectorAll('g.map-node')].map(g => [g.dataset.node,
         g.querySelector('g.sparkline').dataset.counts.split(',').map(Number)])"""
-    stats, (shown, per_minute) = _stable_stats(
+
+    def check_map(stats: Stats, shown: Any) -> None:
+        nodes_shown, per_minute = shown
+        by_node = stats["byNode"]
+        assert {s["node"]: int(s["count"]) for s in nodes_shown} == {
+            n: by_node.get(n, 0) for n in statuses
+        }
+        assert {s["node"]: s["status"] for s in nodes_shown} == statuses
+        assert all(by_node.get(n, 0) > 0 for n in statuses)
+        # the activity graph spreads each node's jobs over the minutes of the hour (the test is
+        # far shorter than an hour, so no job has left the window)
+        assert {node: len(series) for node, series in per_minute} == {n: 60 for n in statuses}
+        assert {node: sum(series) for node, series in per_minute} == {
+            n: by_node.get(n, 0) for n in statuses
+        }
+
+    _agree(
         one,
         lambda: (
             data(page.locator("g.map-node"), "node", "status", "count"),
             page.evaluate(per_minute_script),
         ),
+        check_map,
     )
-    by_node = stats["byNode"]
-    statuses = api_statuses(one)
-    assert {s["node"]: int(s["count"]) for s in shown} == {n: by_node.get(n, 0) for n in statuses}
-    assert {s["node"]: s["status"] for s in shown} == statuses
-    assert all(by_node.get(n, 0) > 0 for n in statuses)
-    # the activity graph spreads each node's jobs over the minutes of the hour (the test is
-    # far shorter than an hour, so no job has left the window)
-    assert {node: len(series) for node, series in per_minute} == {n: 60 for n in statuses}
-    assert {node: sum(series) for node, series in per_minute} == {
-        n: by_node.get(n, 0) for n in statuses
-    }
     shot(page, artifacts, "system-information-map", readme=True)
 
     show("by-node")
-    stats, shown = _stable_stats(one, lambda: data(page.locator("g.bar"), "node", "count"))
-    assert {s["node"]: int(s["count"]) for s in shown} == {
-        n: stats["byNode"].get(n, 0) for n in {*statuses, *stats["byNode"]}
-    }
+
+    def check_by_node(stats: Stats, shown: Any) -> None:
+        assert {s["node"]: int(s["count"]) for s in shown} == every_node(stats)
+
+    _agree(one, lambda: data(page.locator("g.bar"), "node", "count"), check_by_node)
     shot(page, artifacts, "system-information-by-node", readme=True)
 
     show("by-type")
-    stats, shown = _stable_stats(one, lambda: data(page.locator("g.bar"), "type", "count"))
-    assert {s["type"]: int(s["count"]) for s in shown} == stats["byType"]
-    assert {"noop", "sleep", "clear_caches"} <= set(stats["byType"])
-    assert stats["byType"]["noop"] == 120 and stats["byType"]["sleep"] == 45
+
+    def check_by_type(stats: Stats, shown: Any) -> None:
+        assert {s["type"]: int(s["count"]) for s in shown} == stats["byType"]
+        assert {"noop", "sleep", "clear_caches"} <= set(stats["byType"])
+        assert stats["byType"]["noop"] == 120 and stats["byType"]["sleep"] == 45
+
+    _agree(one, lambda: data(page.locator("g.bar"), "type", "count"), check_by_type)
     shot(page, artifacts, "system-information-by-type", readme=True)
 
     show("by-node-and-type")
-    stats, shown = _stable_stats(
-        one,
-        lambda: (
+
+    def check_by_node_and_type(stats: Stats, shown: Any) -> None:
+        cells: dict[tuple[str, str], int] = {}
+        for r in stats["byNodeAndType"]:  # the API splits by outcome; the graph sums them
+            cells[(r["node"], r["type"])] = cells.get((r["node"], r["type"]), 0) + r["count"]
+        segments, rows = shown
+        assert {(s["node"], s["type"]): int(s["count"]) for s in segments} == cells
+        assert {r["node"]: int(r["total"]) for r in rows} == every_node(stats)
+        assert all(cells.get((n, "clear_caches")) == 1 for n in statuses)
+
+    def read_by_node_and_type() -> Any:
+        return (
             data(page.locator("g.segment"), "node", "type", "count"),
             data(page.locator("g.row"), "node", "total"),
-        ),
-    )
-    cells: dict[tuple[str, str], int] = {}
-    for r in stats["byNodeAndType"]:  # the API splits by outcome; the graph sums them
-        cells[(r["node"], r["type"])] = cells.get((r["node"], r["type"]), 0) + r["count"]
-    segments, rows = shown
-    assert {(s["node"], s["type"]): int(s["count"]) for s in segments} == cells
-    assert {r["node"]: int(r["total"]) for r in rows} == {
-        n: stats["byNode"].get(n, 0) for n in {*statuses, *stats["byNode"]}
-    }
-    assert all(cells.get((n, "clear_caches")) == 1 for n in statuses)
+        )
+
+    _agree(one, read_by_node_and_type, check_by_node_and_type)
     # the numbers are also a table, for people who cannot see the graph
     page.get_by_text("Show the numbers as a table").click()
     expect(page.locator("#graph-data")).to_be_visible()
     shot(page, artifacts, "system-information-by-node-and-type", readme=True)
+
+    # the graph follows new jobs by itself: no reload, the page's numbers catch up with the API's
+    page.evaluate("window.notReloaded = true")
+    assert one.request("POST", "/api/jobs", {"jobs": [{"type": "noop"}] * 30})[0] == 201
+    wait_until(lambda: stats_now()["byType"].get("noop") == 150, 120, "30 more noop jobs")
+    _agree(one, read_by_node_and_type, check_by_node_and_type)
+    assert page.evaluate("window.notReloaded === true"), "the page was reloaded"
+
+    # Manager Nodes' "Jobs, last hour" column says the same
+    nav(page, "Manager Nodes").click()
+
+    def check_jobs_column(stats: Stats, shown: Any) -> None:
+        assert {r["node"]: int(r["jobs"]) for r in shown} == {
+            n: stats["byNode"].get(n, 0) for n in statuses
+        }
+
+    jobs_script = """rows => rows.map(r => ({node: r.dataset.node,
+        jobs: r.querySelector('[data-jobs]').dataset.jobs}))"""
+    _agree(
+        one,
+        lambda: page.locator("#nodes-table tbody tr").evaluate_all(jobs_script),
+        check_jobs_column,
+    )
 
 
 def test_an_upgrade_shows_offline_upgrade_required(
@@ -245,7 +303,7 @@ def test_an_upgrade_shows_offline_upgrade_required(
     newer = dsm_cluster.start("node-3", **V2)  # a higher DSM_SOFTWARE_VERSION: it takes over
     sign_in(page, newer.url)
     for name in ("node-1", "node-2"):
-        expect(status_cell(page, name)).to_have_text("Offline (Upgrade Required)", timeout=LONG)
+        expect(status_cell(page, name)).to_have_text("Offline (Upgrade Required)")
     expect(status_cell(page, "node-3")).to_have_text("Online")
     versions = data(page.locator("#nodes-table tbody tr"), "node")
     assert [v["node"] for v in versions] == ["node-1", "node-2", "node-3"]
@@ -389,7 +447,7 @@ def test_alerts_show_manager_time_out_of_sync(
     sign_in(page, one.url)
     nav(page, "Alerts").click()
     row = page.locator('#alerts-table tr[data-alert="Manager Time Out of Sync"]')
-    expect(row).to_have_attribute("data-node", "node-2", timeout=LONG)
+    expect(row).to_have_attribute("data-node", "node-2")
     expect(row).to_contain_text("120")
     expect(nav(page, "Alerts")).to_contain_text("1")  # the open-alerts badge
     shot(page, artifacts, "alerts", readme=True)

@@ -14,10 +14,12 @@ from urllib.parse import urlencode
 
 import pytest
 
+from dsm_node import auth
 from dsm_node.api.app import ROUTES
 from dsm_node.console import pages, security
 from tests.console.helpers import ADMIN_PASSWORD, AUDITOR_PASSWORD, create_auditor
 from tests.support import rawhttp
+from tests.support.loopback import next_address
 from tests.support.nodes import API_KEY, Cluster, NodeProcess
 from tests.support.postgres import Server
 
@@ -171,6 +173,41 @@ def test_sign_in_sets_a_strict_cookie_and_refuses_foreign_origins(setup: Setup) 
     # an open redirect after sign-in is not possible
     r = setup.call("POST", "/sign-in", None, {**form, "next": "//evil.example/"})
     assert r.status == 303 and r.headers["location"] == "/manager-nodes"
+
+
+def test_sign_in_failures_are_limited_like_the_apis(setup: Setup) -> None:
+    """The console signs in through the same cluster-wide limit as ``POST /api/sessions``: after
+    ``MAX_FAILURES`` wrong passwords for a user name even the right one is refused (429, with
+    Retry-After and words saying so), on the console and on the API alike."""
+    n = setup.node
+    status, body = n.request(
+        "POST", "/api/users", {"username": "lou", "password": AUDITOR_PASSWORD, "role": "auditor"}
+    )
+    assert status == 201, body
+    own = next_address()  # a client of its own: the per-address limit spares the other tests
+
+    def sign_in(password: str) -> rawhttp.Response:
+        form = urlencode({"username": "lou", "password": password}).encode()
+        headers: list[tuple[bytes | str, bytes | str]] = [
+            ("Origin", f"https://{n.address}"),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+        ]
+        return rawhttp.request(n.address, n.port, "POST", "/sign-in", headers, form, source=own)
+
+    for _ in range(auth.MAX_FAILURES):
+        r = sign_in("not the password")
+        assert r.status == 401 and "Wrong user name or password." in r.body
+        assert "set-cookie" not in r.headers
+    r = sign_in(AUDITOR_PASSWORD)
+    assert r.status == 429 and "set-cookie" not in r.headers
+    assert "Too many failed sign-ins" in r.body and int(r.headers["retry-after"]) >= 1
+    status, body = n.request(
+        "POST",
+        "/api/sessions",
+        {"username": "lou", "password": AUDITOR_PASSWORD},
+        headers={"Authorization": None},
+    )
+    assert status == 429, body
 
 
 @pytest.mark.parametrize(
