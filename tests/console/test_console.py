@@ -44,6 +44,13 @@ def api_statuses(node: NodeProcess) -> dict[str, str]:
     return {n["name"]: n["status"] for n in body["nodes"]}
 
 
+def stop_until_offline(viewer: NodeProcess, node: NodeProcess) -> None:
+    """SIGTERM, then wait until the cluster says Offline: a node stopped before its start had
+    finished does not mark itself offline and turns Offline only after the threshold."""
+    node.stop()
+    wait_until(lambda: api_statuses(viewer)[node.name] == "Offline", 60, f"{node.name} Offline")
+
+
 @pytest.fixture
 def balancer(dsm_cluster: Cluster) -> Iterator[tuple[Proxy, list[NodeProcess]]]:
     """Two nodes behind one host name: a TCP proxy choosing a node per connection."""
@@ -322,7 +329,7 @@ def test_the_auditor_sees_everything_and_changes_nothing(
 ) -> None:
     one, two = start_nodes(dsm_cluster, ["node-1", "node-2"])
     auditor = create_auditor(one)
-    two.stop()  # Offline: an administrator could decommission it now
+    stop_until_offline(one, two)  # an administrator could decommission it now
     sign_in(page, one.url, auditor, AUDITOR_PASSWORD)
     for link, heading in [
         ("System Information", "System Information"),
@@ -384,7 +391,7 @@ def test_forged_token_missing_session_and_foreign_origin_are_refused(
     dsm_cluster: Cluster, page: Page, context: BrowserContext, browser: Browser, artifacts: Path
 ) -> None:
     one, two = start_nodes(dsm_cluster, ["node-1", "node-2"])
-    two.stop()  # Offline: decommissioning it would succeed if a request got through
+    stop_until_offline(one, two)  # decommissioning it would succeed if a request got through
     target = one.url + "/manager-nodes/node-2/decommission"
     sign_in(page, one.url)
     page.goto(one.url + "/manager-nodes/node-2")
