@@ -3,7 +3,7 @@ VENV        ?= .venv
 PYTHON      ?= python3
 export DSM_CACHE_DIR ?= $(HOME)/.cache/dsm
 
-.PHONY: help deps postgres haproxy bench-agents k8s images prometheus lock test test-fast lint up bench chaos clean
+.PHONY: help deps postgres haproxy chromium bench-agents k8s images prometheus lock test test-fast lint up bench chaos clean
 
 # make chaos: how many faults, and the seed that fixes their schedule
 CHAOS_FAULTS ?= 60
@@ -32,6 +32,10 @@ postgres:
 haproxy:
 	@hack/install-haproxy.sh
 
+# Debian's Chromium for the console's browser tests (tests/console), driven by Playwright.
+chromium:
+	@hack/install-chromium.sh
+
 k8s:
 	@hack/k8s/build.sh
 
@@ -47,11 +51,11 @@ lock:
 	$(PYTHON) hack/lock.py
 
 # The e2e tier runs the images with podman, so the suite builds them with podman.
-test: deps k8s prometheus
+test: deps chromium k8s prometheus
 	@DSM_CONTAINER_ENGINE=podman PYTHON=$(VENV)/bin/python hack/images/build.sh
 	$(VENV)/bin/pytest
 
-test-fast: deps
+test-fast: deps chromium
 	$(VENV)/bin/pytest -m "not cluster and not e2e"
 
 lint: $(VENV)/.installed

@@ -17,6 +17,9 @@ lint`` checks it with import-linter, contracts in pyproject.toml):
   its own thread and port (``channel``), group commit, the agents' gateway (``store``), their
   periodic jobs, and the agent itself (``dsm agent run``, the simulator).
 - ``api``: HTTPS, on a thread of its own; the only place that speaks JSON (``api.views``).
+  Beside it, ``console``: the administrator's HTML pages on the same port, through the API's
+  guard and gateways (the two import each other; ``console.views``, ``charts`` and ``security``
+  do no I/O).
 - ``node``: the composition root that builds one node; ``server`` runs it as a process;
   ``local_cluster`` is ``dsm up``; ``cli`` is the ``dsm`` command (``cli_agents``: its agent
   commands).

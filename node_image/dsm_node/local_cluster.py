@@ -460,7 +460,8 @@ def _run_locked(plan: Plan, state: Path) -> int:
     )
     print(f"==> certificate {cert} ({'reused' if reused else 'new'})")
     print(
-        f"==> sign in as 'admin' with the password in {admin_password}; the dsm command uses "
+        f"==> console https://{plan.addresses[0]}:{plan.port}/ (any node): sign in as 'admin' "
+        f"with the password in {admin_password}; the dsm command uses "
         f"the API key in {api_key}"
     )
 

@@ -274,7 +274,7 @@ class Node:
             Registration(cfg.node_name, cfg.address, cfg.api_port, cfg.software_version),
             cfg.clock_offset_seconds,
         )
-        shared = Shared(cfg.node_name, self.live, keys, self.caches)
+        shared = Shared(cfg.node_name, cfg.software_version, self.live, keys, self.caches)
         return Running(engines, membership, pool, keys, worker, keeper, shared)
 
     async def stop(self) -> None:

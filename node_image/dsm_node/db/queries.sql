@@ -553,6 +553,25 @@ FROM alerts a JOIN nodes n ON n.id = a.node_id
 WHERE a.cleared_at IS NULL OR :include_cleared
 ORDER BY a.id DESC;
 
+-- name: job_activity_by_minute
+-- Jobs finished per node and minute over the window (rolled-up minutes plus the raw tail, as in
+-- job_stats), for the console's activity graph; minutes by the database's clock.
+WITH w AS (SELECT rolled_until FROM job_counts_watermark),
+cutoff AS (SELECT date_trunc('minute', now() - make_interval(secs => :window)) AS t)
+SELECT s.node_id, n.name AS node, s.minute, CAST(sum(s.n) AS bigint) AS jobs
+FROM (
+    SELECT c.node_id, c.minute, c.count AS n
+    FROM job_counts c, w, cutoff
+    WHERE c.minute >= cutoff.t AND c.minute < w.rolled_until
+    UNION ALL
+    SELECT coalesce(h.node_id, 0), date_trunc('minute', h.finished_at), count(*)
+    FROM job_history h, w, cutoff
+    WHERE h.finished_at >= greatest(w.rolled_until, cutoff.t)
+    GROUP BY 1, 2
+) s LEFT JOIN nodes n ON n.id = s.node_id
+GROUP BY s.node_id, n.name, s.minute
+ORDER BY 2, 3;
+
 -- ---------------------------------------------------------------------------------------------
 -- Agents (dsm_node.agents.store). Agent liveness uses the database's now(), like the nodes'.
 
