@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from dsm_node import auth, metrics, roles
 from dsm_node.api import admin, inputs, listeners, paths, views
+from dsm_node.api import agents as agent_routes
 from dsm_node.api.common import (
     GATEWAYS_KEY,
     KIB,
@@ -364,6 +365,7 @@ ROUTES = [
     Route("GET", paths.API_JOB_STATS, job_stats, roles.AUDITOR),
     Route("GET", paths.API_JOB, get_job, roles.AUDITOR),
     *admin.ROUTES,
+    *agent_routes.ROUTES,  # agents (issue 11): tokens, agents, events, deactivation
     *console_pages.ROUTES,
 ]
 ROUTE_TABLE_KEY: web.AppKey[dict[int, Route]] = web.AppKey("routes")
