@@ -13,9 +13,16 @@ lint`` checks it with import-linter, contracts in pyproject.toml):
 - ``services``: what a joined node hands its parts, typed and never None.
 - ``jobs``: the distributed job pool (``states`` are its pure rules, ``pool`` its gateway,
   ``worker`` the claim loop, ``registry`` the job types).
+- ``agents``: the agent side (issue 11): the protocol, the agent CA, the heartbeat channel on
+  its own thread and port (``channel``), group commit, the agents' gateway (``store``), their
+  periodic jobs, and the agent itself (``dsm agent run``, the simulator).
 - ``api``: HTTPS, on a thread of its own; the only place that speaks JSON (``api.views``).
+  Beside it, ``console``: the administrator's HTML pages on the same port, through the API's
+  guard and gateways (the two import each other; ``console.views``, ``charts`` and ``security``
+  do no I/O).
 - ``node``: the composition root that builds one node; ``server`` runs it as a process;
-  ``local_cluster`` is ``dsm up``; ``cli`` is the ``dsm`` command.
+  ``local_cluster`` is ``dsm up``; ``cli`` is the ``dsm`` command (``cli_agents``: its agent
+  commands).
 
 Pure modules (``cluster.lease``, ``cluster.status``, ``cluster.timing``, ``cluster.clock``,
 ``jobs.states``) import no I/O library: a second contract says so.

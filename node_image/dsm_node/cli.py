@@ -10,6 +10,8 @@
     dsm master-key rotate       re-encrypt secrets under a new master key
     dsm alerts                  open alerts
     dsm db upgrade              create or migrate the schema
+    dsm agent run               one agent (activates once, then heartbeats)
+    dsm agents ...              activation tokens, agents, events, simulate
     dsm completion bash         a shell completion script
 
 Every command that prints takes ``--output json`` for scripts, before or after the command name.
@@ -171,6 +173,12 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds between heartbeats (default 10)",
     )
     up.add_argument("--no-watch", action="store_true", help="print status once per change only")
+    up.add_argument(
+        "--agents",
+        type=int,
+        default=0,
+        help="also run this many simulated agents (dsm agents simulate; heartbeat every 10 s)",
+    )
     up.set_defaults(func=_up)
 
     _, node = _group(sub, "node", "run a node")
@@ -247,6 +255,11 @@ def _parser() -> argparse.ArgumentParser:
     stats = jobs.add_parser("stats", help="jobs by node and type over a window", parents=client)
     stats.add_argument("--window", type=float, default=3600.0, help="seconds (default 3600)")
     stats.set_defaults(func=_jobs_stats)
+
+    # agents (issue 11): dsm agent run/event, dsm agents token/list/show/.../simulate
+    from dsm_node import cli_agents
+
+    cli_agents.register(sub, _group, client, output)
 
     comp = sub.add_parser(
         "completion",

@@ -51,7 +51,19 @@ class NodeConfig(BaseSettings):
     bind_address: str = Field("0.0.0.0", description="Address to listen on.")
     api_port: int = Field(4119, ge=1, le=65535, description="HTTPS port for console and API.")
     heartbeat_port: int = Field(
-        4120, ge=0, le=65535, description="HTTPS port for agent heartbeats (0 disables it)."
+        4120,
+        ge=0,
+        le=65535,
+        description="Port of the agent protocol (mutual TLS; 0: this node serves no agents).",
+    )
+    agent_batch_max: int = Field(
+        500, ge=1, le=10_000, description="Most heartbeats written in one group commit."
+    )
+    agent_batch_wait_seconds: float = Field(
+        0.005, ge=0, le=1, description="Longest a heartbeat waits for others to share a commit."
+    )
+    agent_committers: int = Field(
+        2, ge=1, le=64, description="Group commits in flight at once (database connections)."
     )
     software_version: str = Field(__version__, description="Version this node runs.")
     tls_cert_file: Path | None = Field(None, description="PEM certificate; generated if absent.")

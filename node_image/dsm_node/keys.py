@@ -18,6 +18,7 @@ from dsm_node.auth import user_context
 from dsm_node.db.queries import Q
 
 BATCH = 500
+AGENT_CA_KEY_CONTEXT = "agent-ca/private-key"
 
 
 class KeyState(StrEnum):
@@ -156,6 +157,17 @@ async def reencrypt_batch(engine: AsyncEngine, ring: crypto.Keyring) -> int:
                 fields[f] = ring.encrypt(ring.decrypt(value, ctx), ctx) if value else None
             await conn.execute(
                 Q.update_user_personal_data, {"id": u.id, **fields, "key_version": ring.active}
+            )
+            done += 1
+        # The agent CA's private key (dsm_node.agents.store) is under the master key too.
+        for ca in (await conn.execute(Q.agent_ca_to_reencrypt, {"version": ring.active})).all():
+            ctx = AGENT_CA_KEY_CONTEXT
+            await conn.execute(
+                Q.update_agent_ca_key,
+                {
+                    "private_key": ring.encrypt(ring.decrypt(ca.private_key, ctx), ctx),
+                    "key_version": ring.active,
+                },
             )
             done += 1
     return done

@@ -72,6 +72,7 @@ class Plan:
     offline_threshold: float | None
     heartbeat_interval: float | None
     watch: bool
+    agents: int = 0
 
     @property
     def heartbeat_port(self) -> int:
@@ -108,6 +109,9 @@ def check_arguments(args: argparse.Namespace) -> Plan:
         )
     if args.database_url is not None:
         check_database_url(args.database_url)
+    agents = getattr(args, "agents", 0) or 0
+    if not 0 <= agents <= 10_000:
+        raise UpError(f"--agents must be between 0 and 10000, got {agents}")
     return Plan(
         nodes=args.nodes,
         addresses=[str(ipaddress.IPv4Address(int(first) + i)) for i in range(args.nodes)],
@@ -116,6 +120,7 @@ def check_arguments(args: argparse.Namespace) -> Plan:
         offline_threshold=threshold,
         heartbeat_interval=interval,
         watch=not args.no_watch,
+        agents=agents,
     )
 
 
@@ -455,7 +460,8 @@ def _run_locked(plan: Plan, state: Path) -> int:
     )
     print(f"==> certificate {cert} ({'reused' if reused else 'new'})")
     print(
-        f"==> sign in as 'admin' with the password in {admin_password}; the dsm command uses "
+        f"==> console https://{plan.addresses[0]}:{plan.port}/ (any node): sign in as 'admin' "
+        f"with the password in {admin_password}; the dsm command uses "
         f"the API key in {api_key}"
     )
 
@@ -467,6 +473,7 @@ def _run_locked(plan: Plan, state: Path) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     nodes: list[NodeProcess] = []
+    simulator: subprocess.Popen[bytes] | None = None
     try:
         url = plan.database_url
         if pg is not None:
@@ -515,12 +522,40 @@ def _run_locked(plan: Plan, state: Path) -> int:
             " | dsm jobs stats.  Ctrl-C stops the cluster.",
             flush=True,
         )
+        if plan.agents:
+            simulator = _start_agents(plan, state)
         _supervise(plan, url, nodes, lambda: interrupted)
     except KeyboardInterrupt:
         pass
     finally:
+        if simulator is not None and simulator.poll() is None:
+            simulator.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                simulator.wait(30)
         _stop_all(nodes, pg)
     return 0
+
+
+def _start_agents(plan: Plan, state: Path) -> subprocess.Popen[bytes]:
+    """Simulated agents (issue 11): a token through the API, then ``dsm agents simulate`` on
+    every node's heartbeat port, its progress in the agents log."""
+    token = client.Client.from_args(None, None, False).request(
+        "POST", "/api/agents/tokens", {"maxUses": plan.agents, "expiresInSeconds": 3600}
+    )
+    args = [sys.executable, "-m", "dsm_node", "agents", "simulate", "--count", str(plan.agents)]
+    args += ["--interval", "10", "--events", "2", "--state-dir", str(state / "agents")]
+    args += ["--token", token["token"], "--ca-pin", token["caPin"]]
+    for address in plan.addresses:
+        args += ["--manager", f"{address}:{plan.heartbeat_port}"]
+    log_path = state / "logs" / "agents.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    print(
+        f"==> {plan.agents} simulated agents (PID {proc.pid}, progress: {log_path}); "
+        "try: dsm agents list | dsm agents show 1 | dsm agents events 1",
+        flush=True,
+    )
+    return proc
 
 
 def _node_env(

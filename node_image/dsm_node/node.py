@@ -32,6 +32,7 @@ from psycopg.conninfo import make_conninfo
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from dsm_node import crypto, metrics
+from dsm_node.agents import watching  # noqa: F401  (registers the agent job types)
 from dsm_node.caches import Caches
 from dsm_node.cluster import joining, lease, sweeping
 from dsm_node.cluster.lease import Event, Phase
@@ -135,6 +136,11 @@ class Node:
 
     def shared(self) -> Shared | None:
         return self._running.shared if self._running is not None else None
+
+    @property
+    def node_id(self) -> int | None:
+        """The id this node is registered under (the agent channel records heartbeats with it)."""
+        return self.lease.identity.node_id if self.lease.identity is not None else None
 
     def not_ready_reasons(self) -> list[str]:
         phase = self.lease.phase
@@ -271,7 +277,7 @@ class Node:
             Registration(cfg.node_name, cfg.address, cfg.api_port, cfg.software_version),
             cfg.clock_offset_seconds,
         )
-        shared = Shared(cfg.node_name, self.live, keys, self.caches)
+        shared = Shared(cfg.node_name, cfg.software_version, self.live, keys, self.caches)
         return Running(engines, membership, pool, keys, worker, keeper, shared)
 
     async def stop(self) -> None:

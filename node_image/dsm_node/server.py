@@ -1,5 +1,6 @@
 """Runs one node process: the node on the main thread's event loop, the HTTPS API on its own
-thread (``api.serving``), and signal handling."""
+thread (``api.serving``), the agent protocol on another (``agents.channel``), and signal
+handling."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import logging
 import signal
 
 from dsm_node import auth
+from dsm_node.agents.channel import AgentChannel
 from dsm_node.api import serving, tls
+from dsm_node.cluster.lease import Phase
 from dsm_node.config import NodeConfig
 from dsm_node.node import Node, StartupError
 
@@ -40,6 +43,7 @@ async def serve(config: NodeConfig) -> int:
         return 2
 
     code = 0
+    agent_channel: AgentChannel | None = None
     start = asyncio.create_task(node.start())
     stopped = asyncio.create_task(stop.wait())
     await asyncio.wait({start, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -56,7 +60,24 @@ async def serve(config: NodeConfig) -> int:
             start.cancel()
             await asyncio.gather(start, return_exceptions=True)
         else:
+            # the agent protocol on the heartbeat port, once the node is online
+            if config.heartbeat_port and node.phase is Phase.ONLINE:
+                agent_channel = AgentChannel(node, config)
+                try:
+                    await agent_channel.start()
+                except OSError as e:
+                    log.error(
+                        "cannot serve agents on %s port %s: %s",
+                        config.bind_address,
+                        config.heartbeat_port,
+                        e.strerror or e,
+                    )
+                    agent_channel = None
+                    code = 2
+                    stop.set()
             await stopped
+    if agent_channel is not None:
+        await agent_channel.stop()  # agents go elsewhere before the node leaves
     await node.stop()
     await api.stop()
     log.info("stopped")

@@ -37,6 +37,7 @@ class Shared:
     """What the node shares with the API once it has joined."""
 
     node_name: str
+    version: str  # the software version this node runs (the console shows it)
     settings: SettingsView
     keys: MasterKeys
     caches: Caches

@@ -14,6 +14,9 @@ made every node commit thousands of times a second). Decisions:
 - Load-balancer overrides: addresses are host names (RFC 1123, ASCII) or IP addresses, ports are
   integers 1-65535; the heartbeat and relay overrides and every port need ``managerAddress``
   (without it agents get the node list and the others would be silently ignored).
+- Agents: heartbeat interval 1 s to a day (10 minutes by default, as in the original product),
+  0-1000 missed heartbeats before Offline (0: never), clock-skew limit 1 s to 30 days, events
+  kept 1 hour to 10 years.
 - Types are strict: ``true`` is not a number and ``"0.5"`` is not 0.5.
 
 Changes are validated against the stored values under a lock, in the transaction that writes them,
@@ -96,6 +99,20 @@ class ClusterSettings(BaseModel):
     )
     job_counts_retention_seconds: float = Field(
         30 * 86400, ge=3600, le=TEN_YEARS, description="How long per-minute job counts are kept."
+    )
+    # Agents (dsm_node.agents; docs/agent-protocol.md). The original product's defaults: a
+    # heartbeat every 10 minutes, Offline (with an alert) after 2 missed heartbeats.
+    agent_heartbeat_interval_seconds: float = Field(
+        600.0, ge=1, le=86400, description="Interval between an agent's heartbeats."
+    )
+    agent_missed_heartbeats_offline: int = Field(
+        2, ge=0, le=1000, description="Missed heartbeats before an agent is Offline (0: never)."
+    )
+    agent_clock_skew_limit_seconds: float = Field(
+        60.0, ge=1, le=30 * 86400, description="Agent clock skew that raises an alert."
+    )
+    agent_event_retention_seconds: float = Field(
+        30 * 86400, ge=3600, le=TEN_YEARS, description="How long agent events are kept."
     )
     # Load-balancer overrides (the original product's three address/port pairs): when set, agents
     # are told to use these instead of the list of node addresses.

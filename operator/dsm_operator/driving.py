@@ -104,6 +104,7 @@ class Pass:
     replaced: str | None = None
     decommissioned: list[str] = dataclasses.field(default_factory=list)
     load_balancer_address: str | None = None
+    agent_load_balancer_address: str | None = None
     agent_record: dict[str, Any] | None = None
 
     @property
@@ -472,10 +473,19 @@ async def _agent_settings(run: Pass) -> None:
             names.load_balancer_service_name(run.name),
         )
         run.load_balancer_address = observations.load_balancer_address(lb)
+        agent_lb = await asyncio.to_thread(
+            ctx.kube.get,
+            "v1",
+            "Service",
+            run.namespace,
+            names.agent_load_balancer_service_name(run.name),
+        )
+        run.agent_load_balancer_address = observations.load_balancer_address(agent_lb)
     recorded = run.previous.get("agentSettings")
     run.agent_record = recorded
     address = run.load_balancer_address or run.previous.get("loadBalancerAddress")
-    change = agents.change(spec, address, recorded)
+    agent_address = run.agent_load_balancer_address or run.previous.get("agentLoadBalancerAddress")
+    change = agents.change(spec, address, recorded, agent_address)
     if change is None or not run.targets or run.node_api is None:
         return
     try:
@@ -504,6 +514,7 @@ def _report(run: Pass) -> PassResult:
         replaced_pod=run.replaced,
         decommissioned=run.decommissioned,
         load_balancer_address=run.load_balancer_address,
+        agent_load_balancer_address=run.agent_load_balancer_address,
     )
     new = statuses.build(obs, run.previous)
     if run.agent_record:

@@ -4,6 +4,7 @@ reported in one line before anything starts, and nodes restarted when they die."
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import re
@@ -23,6 +24,7 @@ from tests.support.dsmcli import DsmUp, dsm
 from tests.support.loopback import free_port, next_address
 from tests.support.nodes import query
 from tests.support.postgres import Server
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -334,3 +336,46 @@ def test_bad_arguments_are_one_line(tmp_path: Path, args: tuple[str, ...], words
     line = one_error_line(dsm(state, "up", *args))
     assert words in line, line
     assert not state.exists()
+
+
+def test_dsm_up_agents_starts_simulated_agents_that_heartbeat_and_stop_with_it(
+    tmp_path: Path, up_db: str
+) -> None:
+    """Issue 11: ``dsm up --agents N`` shows a newcomer agents heartbeating to the nodes (through
+    the nodes' heartbeat ports, listed by ``dsm agents list``), and Ctrl-C stops them with the
+    cluster."""
+    state = tmp_path / "state"
+    up = DsmUp(
+        state,
+        "--nodes",
+        "2",
+        "--database-url",
+        up_db,
+        "--port",
+        str(free_port()),
+        "--first-address",
+        first_address(2),
+        "--agents",
+        "3",
+        *FAST,
+    )
+    try:
+        line = up.wait_for(
+            lambda out: re.search(r"3 simulated agents \(PID (\d+)", out), 180, "the agents started"
+        )
+        simulator = int(line.group(1))
+
+        def online() -> list[dict[str, object]] | None:
+            r = dsm(state, "agents", "list", "--output", "json")
+            assert r.returncode == 0, r
+            agents = json.loads(r.stdout)["agents"]
+            heard = [a for a in agents if a["status"] == "Online" and a["lastNode"]]
+            return agents if len(agents) == 3 and len(heard) == 3 else None
+
+        agents = wait_until(online, 180, "3 agents Online", lambda: up.output[-2000:])
+        assert len({a["hostname"] for a in agents}) == 3
+        # Ctrl-C (SIGTERM here) stops the simulator with the nodes
+        assert up.stop(120) == 0, up.output
+        assert not up.is_our_node(simulator), "the simulator outlived dsm up"
+    finally:
+        up.cleanup()

@@ -210,10 +210,11 @@ def test_sigterm_releases_jobs_and_shows_offline_at_once(dsm_cluster: Cluster) -
     (job_id,) = submit(
         a, [{"type": "record_effect", "payload": {"sleep_before": 600, "slow_nodes": ["a"]}}]
     )
-    wait_until(lambda: query(url, "SELECT state FROM jobs")[0][0] == "running", 30, "running")
+    mine = f"FROM jobs WHERE id = {int(job_id)}"  # not the node's periodic jobs
+    wait_until(lambda: query(url, f"SELECT state {mine}") == [("running",)], 30, "running")
     assert a.stop() == 0
     assert node_status(url, "a") == "offline"
-    assert query(url, "SELECT state, owner_node FROM jobs") == [("ready", None)]
+    assert query(url, f"SELECT state, owner_node {mine}") == [("ready", None)]
     b = dsm_cluster.start("b")
     wait_until(lambda: pending(url) == 0, 30, "b runs the released job", b.log_tail)
     assert effects_per_job(url) == {job_id: ["b"]}
@@ -233,12 +234,12 @@ def test_restarts_do_not_spend_a_jobs_attempts(dsm_cluster: Cluster, tmp_path) -
     }
     a = dsm_cluster.start("a", DSM_SHUTDOWN_GRACE_SECONDS="0.5")
     (job_id,) = submit(a, [job])
+    # this job's row only: the node's periodic jobs (the agents' watch every 5 s) come and go
+    state = f"SELECT state FROM jobs WHERE id = {int(job_id)}"
     for restart in range(3):
-        wait_until(
-            lambda: query(url, "SELECT state FROM jobs")[0][0] == "running", 30, "a runs the job"
-        )
+        wait_until(lambda: query(url, state) == [("running",)], 30, "a runs the job")
         assert a.stop() == 0
-        assert query(url, "SELECT state FROM jobs") == [("ready",)]
+        assert query(url, state) == [("ready",)]
         if restart < 2:
             a = dsm_cluster.start("a", DSM_SHUTDOWN_GRACE_SECONDS="0.5")
     dsm_cluster.start("b")

@@ -419,6 +419,7 @@ def test_children_default() -> None:
         "ServiceAccount/mgr-node",
         "Service/mgr-nodes",
         "Service/mgr-lb",
+        "Service/mgr-agents",
         "PodDisruptionBudget/mgr",
         "ServiceMonitor/mgr",
         "PrometheusRule/mgr",
@@ -475,14 +476,41 @@ def test_agents_get_the_node_list_by_default() -> None:
 
 def test_agents_via_the_load_balancer() -> None:
     s = spec(agentConnection="loadBalancer", loadBalancer={"port": 8443})
-    assert manifests.agent_settings(s, "lb.example") == {
+    assert manifests.agent_settings(s, "lb.example") is None  # the heartbeat Service's missing
+    assert manifests.agent_settings(s, "lb.example", "agents.example") == {
         "managerAddress": "lb.example",
         "managerPort": 8443,
-        "heartbeatAddress": "lb.example",
+        "heartbeatAddress": "agents.example",
         "heartbeatPort": 8443,
         "relayAddress": "lb.example",
         "relayPort": 8443,
     }
+
+
+def test_the_heartbeat_channel_has_its_own_passthrough_service() -> None:
+    """TCP 443 -> the heartbeat port, beside the console's 443 -> the API port; same type,
+    annotations and source ranges (both are the same kind of public entry)."""
+    s = spec(
+        loadBalancer={
+            "annotations": {"service.beta.kubernetes.io/aws-load-balancer-type": "nlb"},
+            "sourceRanges": ["203.0.113.0/24"],
+        }
+    )
+    console = manifests.load_balancer_service(s, OWNER)
+    agents = manifests.agent_load_balancer_service(s, OWNER)
+    assert console is not None and agents is not None
+    assert agents["metadata"]["name"] == "mgr-agents"
+    assert agents["spec"]["type"] == console["spec"]["type"] == "LoadBalancer"
+    assert [(p["port"], p["targetPort"], p["protocol"]) for p in agents["spec"]["ports"]] == [
+        (443, "heartbeat", "TCP")
+    ]
+    assert [(p["port"], p["targetPort"]) for p in console["spec"]["ports"]] == [(443, "https")]
+    assert agents["spec"]["loadBalancerSourceRanges"] == ["203.0.113.0/24"]
+    assert agents["metadata"]["annotations"] == console["metadata"]["annotations"]
+    assert agents["spec"]["selector"] == console["spec"]["selector"]
+    off = spec(loadBalancer={"enabled": False})
+    assert manifests.agent_load_balancer_service(off, OWNER) is None
+    assert ("v1", "Service", "mgr-agents") in manifests.unwanted_children(off, OWNER)
 
 
 def test_agents_via_a_load_balancer_without_an_address_wait() -> None:

@@ -70,6 +70,15 @@ TABLE = [
     Row("GET", "/api/audit", "/api/audit", auditor=200),
     Row("GET", "/api/alerts", "/api/alerts", auditor=200),
     Row("GET", "/api/agents/managers", "/api/agents/managers", auditor=200),
+    # agents (issue 11): reading is for auditors too, tokens and deactivation for administrators
+    Row("GET", "/api/agents/tokens", "/api/agents/tokens", auditor=200),
+    Row("POST", "/api/agents/tokens", "/api/agents/tokens", {"maxUses": 1}, admin=201),
+    Row("DELETE", "/api/agents/tokens/{id}", "/api/agents/tokens/999999", admin=404),
+    Row("GET", "/api/agents/alerts", "/api/agents/alerts", auditor=200),
+    Row("GET", "/api/agents", "/api/agents", auditor=200),
+    Row("GET", "/api/agents/{id}", "/api/agents/999999", admin=404, auditor=404),
+    Row("GET", "/api/agents/{id}/events", "/api/agents/999999/events", admin=404, auditor=404),
+    Row("POST", "/api/agents/{id}/deactivate", "/api/agents/999999/deactivate", admin=404),
 ]
 
 

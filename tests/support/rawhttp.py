@@ -52,9 +52,11 @@ def request(
     body: bytes | None = None,
     send_body: bool = True,
     timeout: float = 30,
+    source: str | None = None,
 ) -> Response:
     """One request on its own connection (``Connection: close``). With ``send_body=False`` only
-    the head is sent (with the body's Content-Length): the server must answer from the head."""
+    the head is sent (with the body's Content-Length): the server must answer from the head.
+    ``source``: the loopback address to connect from (a client of its own)."""
     head = [b"%s %s HTTP/1.1" % (method.encode(), _b(target)), b"Host: " + address.encode()]
     names = set()
     for name, value in headers or []:
@@ -66,7 +68,7 @@ def request(
         head.append(b"Content-Type: application/json")
     head.append(b"Connection: close")
     data = b"\r\n".join(head) + b"\r\n\r\n"
-    with connect(address, port, timeout) as s:
+    with connect(address, port, timeout, source) as s:
         s.sendall(data + (body if body is not None and send_body else b""))
         raw = b""
         while chunk := _recv(s):

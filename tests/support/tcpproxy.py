@@ -6,6 +6,10 @@
 - ``refuse()``: every open connection is reset and new ones are refused (reset at once) until
   ``restore()``: the database is unreachable and the node finds out at once.
 
+With several targets it is a TCP load balancer (like HAProxy in TCP mode, TLS passing through):
+each new connection goes to the next target in turn, or to the one ``prefer()`` names; the
+console's tests use it as the one host name in front of several nodes.
+
 Forwarding is non-blocking with a bounded buffer per direction, so one stalled endpoint (a node
 stopped with SIGSTOP stops reading) never stalls the proxy's other connections or its shutdown.
 """
@@ -13,6 +17,7 @@ stopped with SIGSTOP stops reading) never stalls the proxy's other connections o
 from __future__ import annotations
 
 import contextlib
+import itertools
 import selectors
 import socket
 import struct
@@ -26,9 +31,16 @@ BUFFER_LIMIT = 1 << 20
 
 class Proxy:
     def __init__(
-        self, target_port: int, target_host: str = "127.0.0.1", listen_host: str = "127.0.0.1"
+        self,
+        target_port: int = 0,
+        target_host: str = "127.0.0.1",
+        listen_host: str = "127.0.0.1",
+        targets: list[tuple[str, int]] | None = None,
     ) -> None:
-        self.target = (target_host, target_port)
+        self.targets = targets or [(target_host, target_port)]
+        self.target = self.targets[0]
+        self._next = itertools.count()
+        self._preferred: int | None = None
         self.host = listen_host
         self.port = free_port(listen_host)
         self._cut = threading.Event()
@@ -43,6 +55,15 @@ class Proxy:
 
     def cut(self) -> None:
         self._cut.set()
+
+    def prefer(self, index: int | None) -> None:
+        """New connections go to ``targets[index]`` (None: each to the next target in turn)."""
+        self._preferred = index
+
+    def _choose(self) -> tuple[str, int]:
+        if self._preferred is not None:
+            return self.targets[self._preferred]
+        return self.targets[next(self._next) % len(self.targets)]
 
     def restore(self) -> None:
         self._refuse.clear()
@@ -134,7 +155,7 @@ class Proxy:
                         client.close()
                         continue
                     try:
-                        upstream = socket.create_connection(self.target, timeout=5)
+                        upstream = socket.create_connection(self._choose(), timeout=5)
                     except OSError:
                         client.close()
                         continue

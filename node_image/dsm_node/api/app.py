@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from dsm_node import auth, metrics, roles
 from dsm_node.api import admin, inputs, listeners, paths, views
+from dsm_node.api import agents as agent_routes
 from dsm_node.api.common import (
     GATEWAYS_KEY,
     KIB,
@@ -44,6 +45,8 @@ from dsm_node.api.common import (
     source,
     validation_message,
 )
+from dsm_node.console import guarding as console_guarding
+from dsm_node.console import pages as console_pages
 from dsm_node.jobs.pool import EnqueueResult, NewJob
 from dsm_node.jobs.registry import UnknownJobType
 from dsm_node.services import NodeState
@@ -117,6 +120,8 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse:
     route = _route_of(request)
+    if console_guarding.serves(request, route):  # HTML pages: a session cookie, CSRF, Origin
+        return await console_guarding.guarded(request, route, handler)
     try:
         _check_request_target(request)
         if route is None or route.role is not None:
@@ -360,6 +365,8 @@ ROUTES = [
     Route("GET", paths.API_JOB_STATS, job_stats, roles.AUDITOR),
     Route("GET", paths.API_JOB, get_job, roles.AUDITOR),
     *admin.ROUTES,
+    *agent_routes.ROUTES,  # agents (issue 11): tokens, agents, events, deactivation
+    *console_pages.ROUTES,
 ]
 ROUTE_TABLE_KEY: web.AppKey[dict[int, Route]] = web.AppKey("routes")
 NODE_LOOP_KEY: web.AppKey[asyncio.AbstractEventLoop] = web.AppKey("node-loop")

@@ -28,14 +28,17 @@ KIB = 1024
 
 @dataclass(frozen=True)
 class Route:
-    """One API route and its policy: the least role it needs (None: no credentials at all) and
-    the largest request body it reads (0: it reads none)."""
+    """One route and its policy: the least role it needs (None: no credentials at all), the
+    largest request body it reads (0: it reads none), and its surface: ``"api"`` (JSON,
+    ``Authorization: Bearer``) or ``"console"`` (HTML pages, a session cookie, CSRF-checked
+    forms; ``dsm_node.console.guarding``)."""
 
     method: str
     path: str
     handler: Handler
     role: str | None
     max_body: int = 0
+    surface: str = "api"
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class Services:
     what the node shares (``services.Shared``). Nothing here is ever None."""
 
     node_name: str
+    version: str
     engine: AsyncEngine
     pool: JobPool
     membership: Membership
@@ -73,6 +77,7 @@ class Services:
     def of(cls, gateways: Gateways, shared: Shared) -> Services:
         return cls(
             shared.node_name,
+            shared.version,
             gateways.engine,
             gateways.pool,
             gateways.membership,

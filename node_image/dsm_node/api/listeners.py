@@ -24,43 +24,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-import time
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web, web_protocol
 from aiohttp.http_exceptions import HttpProcessingError
 
+from dsm_node.logs import LogBudget
+
 log = logging.getLogger("dsm.api")
 LINGERING_SECONDS = 2.0
-
-
-class LogBudget:
-    """At most ``per_minute`` lines a minute about clients' mistakes (a flood of bad requests
-    must not flood the log); the rest are counted and reported in one line a minute later."""
-
-    def __init__(self, logger: logging.Logger, per_minute: int = 120) -> None:
-        self.logger = logger
-        self.per_minute = per_minute
-        self.window_start = 0.0
-        self.used = 0
-        self.suppressed = 0
-
-    def log(self, level: int, fmt: str, *args: Any) -> None:
-        if not self.logger.isEnabledFor(level):
-            return
-        now = time.monotonic()
-        if now - self.window_start >= 60:
-            if self.suppressed:
-                self.logger.info(
-                    "%d more refused requests in the last minute were not logged", self.suppressed
-                )
-            self.window_start, self.used, self.suppressed = now, 0, 0
-        if self.used < self.per_minute:
-            self.used += 1
-            self.logger.log(level, fmt, *args)
-        else:
-            self.suppressed += 1
 
 
 REFUSALS = LogBudget(log)

@@ -17,5 +17,18 @@ API_AUDIT = "/api/audit"
 API_ALERTS = "/api/alerts"
 API_AGENT_MANAGERS = "/api/agents/managers"
 
+# The administrator's console (dsm_node.console), on the same port as the API
+CONSOLE_HOME = "/"
+CONSOLE_STATIC = "/static/{name}"
+CONSOLE_SIGN_IN = "/sign-in"
+CONSOLE_SIGN_OUT = "/sign-out"
+CONSOLE_MANAGER_NODES = "/manager-nodes"
+CONSOLE_NODE = "/manager-nodes/{name}"
+CONSOLE_DECOMMISSION = "/manager-nodes/{name}/decommission"
+CONSOLE_SYSTEM_INFORMATION = "/system-information"
+CONSOLE_ALERTS = "/alerts"
+CONSOLE_AUDIT_LOG = "/audit-log"
+CONSOLE_AGENTS = "/agents"
+
 API_PORT = 4119
 HEARTBEAT_PORT = 4120

@@ -90,12 +90,12 @@ class ApiServer:
         runner = web.AppRunner(app, handle_signals=False, **deadlines.handler_options())
         await runner.setup()
         try:
-            ports = [cfg.api_port] + ([cfg.heartbeat_port] if cfg.heartbeat_port else [])
-            for port in ports:
-                await listeners.GuardedSite(
-                    runner, cfg.bind_address, port, self.ssl_context, deadlines
-                ).start()
-            log.info("listening on https://%s:%s", cfg.bind_address, ",".join(map(str, ports)))
+            # The API port only: the heartbeat port serves the agent protocol and nothing else
+            # (dsm_node.agents.channel), and this port has no agent route.
+            await listeners.GuardedSite(
+                runner, cfg.bind_address, cfg.api_port, self.ssl_context, deadlines
+            ).start()
+            log.info("listening on https://%s:%s", cfg.bind_address, cfg.api_port)
             self._started.set_result(None)
             await self._stop.wait()
         finally:

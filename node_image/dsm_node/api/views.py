@@ -1,12 +1,13 @@
 """The API's JSON shapes, built from the data layer's typed records. Only ``api`` speaks JSON: the
-records (``cluster.membership``, ``jobs.pool``, ``auth``) carry Python values, and these functions
-decide the names (camelCase) and encodings (ISO 8601 times) clients see."""
+records (``cluster.membership``, ``jobs.pool``, ``auth``, ``agents.store``) carry Python values,
+and these functions decide the names (camelCase) and encodings (ISO 8601 times) clients see."""
 
 from __future__ import annotations
 
 import datetime as dt
 from typing import Any
 
+from dsm_node.agents.store import AgentAlert, AgentEvent, AgentRecord, AgentStatus, TokenRecord
 from dsm_node.auth import AuditEntry, UserRecord
 from dsm_node.cluster.membership import AlertRecord, NodeRecord
 from dsm_node.jobs.pool import JobCount, JobRecord
@@ -101,6 +102,78 @@ def alert(a: AlertRecord) -> dict[str, Any]:
         "id": a.id,
         "type": a.type,
         "node": a.node,
+        "message": a.message,
+        "raisedAt": a.raised_at.isoformat(),
+        "clearedAt": _iso(a.cleared_at),
+    }
+
+
+# -- agents (dsm_node.agents.store) ------------------------------------------------------------
+
+
+def agent_status(s: AgentStatus) -> str:
+    return s.value.capitalize()  # Online, Offline, Activated, Deactivated
+
+
+def activation_token(t: TokenRecord) -> dict[str, Any]:
+    return {
+        "id": t.id,
+        "description": t.description,
+        "uses": t.uses,
+        "maxUses": t.max_uses,
+        "expiresAt": t.expires_at.isoformat(),
+        "createdAt": t.created_at.isoformat(),
+        "createdBy": t.created_by,
+        "revokedAt": _iso(t.revoked_at),
+        "state": str(t.state),
+    }
+
+
+def agent(a: AgentRecord) -> dict[str, Any]:
+    return {
+        "id": a.id,
+        "hostname": a.hostname,
+        "status": agent_status(a.status),
+        "statusChangedAt": a.status_changed_at.isoformat(),
+        "activatedAt": a.activated_at.isoformat(),
+        "activatedOn": a.activated_on,
+        "lastHeartbeat": _iso(a.last_heartbeat),
+        "secondsSinceHeartbeat": a.seconds_since_heartbeat,
+        "lastNode": a.last_node,
+        "heartbeats": a.heartbeats,
+        "ackedSequence": a.acked_seq,
+        "agentStatus": a.agent_status,
+        "statusMessage": a.status_message,
+        "version": a.agent_version,
+        "clockSkewSeconds": a.clock_skew_seconds,
+        "configFingerprint": a.config_fingerprint,
+        "counters": a.counters,
+        "certificateExpiresAt": a.cert_not_after.isoformat(),
+        "deactivatedAt": _iso(a.deactivated_at),
+    }
+
+
+def agent_counts(counts: dict[AgentStatus, int]) -> dict[str, int]:
+    return {str(s): n for s, n in sorted(counts.items())}
+
+
+def agent_event(e: AgentEvent) -> dict[str, Any]:
+    return {
+        "seq": e.seq,
+        "type": e.type,
+        "at": e.agent_time.isoformat(),
+        "data": e.data,
+        "receivedAt": e.received_at.isoformat(),
+        "node": e.node,
+    }
+
+
+def agent_alert(a: AgentAlert) -> dict[str, Any]:
+    return {
+        "id": a.id,
+        "type": a.type,
+        "agentId": a.agent_id,
+        "hostname": a.hostname,
         "message": a.message,
         "raisedAt": a.raised_at.isoformat(),
         "clearedAt": _iso(a.cleared_at),

@@ -208,6 +208,12 @@ class Membership:
             r.cluster_version,
         )
 
+    async def database_now(self) -> dt.datetime:
+        """The database's clock (the one every liveness judgement uses)."""
+        async with self.engine.connect() as conn:
+            now: dt.datetime = (await conn.execute(Q.db_clock)).one().db_now
+        return now
+
     async def list_alerts(self, include_cleared: bool = False) -> list[AlertRecord]:
         async with self.engine.connect() as conn:
             rows = await conn.execute(Q.list_alerts, {"include_cleared": include_cleared})

@@ -464,11 +464,12 @@ ORDER BY key LIMIT :batch FOR UPDATE SKIP LOCKED;
 -- name: rows_not_under_key
 SELECT (SELECT count(*) FROM secret_settings WHERE key_version <> :version)
      + (SELECT count(*) FROM users WHERE key_version IS DISTINCT FROM :version
-                                     AND (full_name IS NOT NULL OR email IS NOT NULL)) AS n;
+                                     AND (full_name IS NOT NULL OR email IS NOT NULL))
+     + (SELECT count(*) FROM agent_ca WHERE key_version <> :version) AS n;
 
 -- name: lock_encrypted_tables
 -- While a rotation checks that nothing is left under the old key, nobody may write under it.
-LOCK TABLE secret_settings, users IN SHARE MODE;
+LOCK TABLE secret_settings, users, agent_ca IN SHARE MODE;
 
 -- name: set_password_hash
 UPDATE users SET password_hash = :password_hash WHERE id = :id;
@@ -561,6 +562,220 @@ SELECT a.id, a.type, n.name AS node, a.message, a.raised_at, a.cleared_at
 FROM alerts a JOIN nodes n ON n.id = a.node_id
 WHERE a.cleared_at IS NULL OR :include_cleared
 ORDER BY a.id DESC;
+
+-- name: job_activity_by_minute
+-- Jobs finished per node and minute over the window (rolled-up minutes plus the raw tail, as in
+-- job_stats), for the console's activity graph; minutes by the database's clock.
+WITH w AS (SELECT rolled_until FROM job_counts_watermark),
+cutoff AS (SELECT date_trunc('minute', now() - make_interval(secs => :window)) AS t)
+SELECT s.node_id, n.name AS node, s.minute, CAST(sum(s.n) AS bigint) AS jobs
+FROM (
+    SELECT c.node_id, c.minute, c.count AS n
+    FROM job_counts c, w, cutoff
+    WHERE c.minute >= cutoff.t AND c.minute < w.rolled_until
+    UNION ALL
+    SELECT coalesce(h.node_id, 0), date_trunc('minute', h.finished_at), count(*)
+    FROM job_history h, w, cutoff
+    WHERE h.finished_at >= greatest(w.rolled_until, cutoff.t)
+    GROUP BY 1, 2
+) s LEFT JOIN nodes n ON n.id = s.node_id
+GROUP BY s.node_id, n.name, s.minute
+ORDER BY 2, 3;
+
+-- ---------------------------------------------------------------------------------------------
+-- Agents (dsm_node.agents.store). Agent liveness uses the database's now(), like the nodes'.
+
+-- name: agent_ca
+SELECT certificate, private_key, key_version FROM agent_ca;
+
+-- name: insert_agent_ca
+INSERT INTO agent_ca (certificate, private_key, key_version)
+VALUES (:certificate, :private_key, :key_version)
+ON CONFLICT (singleton) DO NOTHING;
+
+-- name: agent_ca_to_reencrypt
+SELECT private_key FROM agent_ca WHERE key_version <> :version FOR UPDATE;
+
+-- name: update_agent_ca_key
+UPDATE agent_ca SET private_key = :private_key, key_version = :key_version;
+
+-- name: set_heartbeat_port
+UPDATE nodes SET heartbeat_port = :port WHERE id = :node_id;
+
+-- name: agent_managers
+-- The heartbeat addresses of Online nodes (recorded online and heard from within the threshold).
+SELECT address, heartbeat_port FROM nodes
+WHERE status = 'online' AND heartbeat_port IS NOT NULL
+  AND last_heartbeat >= now() - make_interval(secs => :threshold)
+ORDER BY address, heartbeat_port;
+
+-- name: insert_activation_token
+INSERT INTO activation_tokens (secret_hash, description, max_uses, expires_at, created_by)
+VALUES (:secret_hash, :description, :max_uses, now() + make_interval(secs => :expires_in),
+        :created_by)
+RETURNING id, expires_at;
+
+-- name: list_activation_tokens
+SELECT id, description, uses, max_uses, expires_at, created_at, created_by, revoked_at,
+       expires_at <= now() AS expired
+FROM activation_tokens ORDER BY id DESC LIMIT :limit;
+
+-- name: revoke_activation_token
+UPDATE activation_tokens SET revoked_at = now() WHERE id = :id AND revoked_at IS NULL
+RETURNING id;
+
+-- name: use_activation_token
+-- One statement: concurrent activations can never use a token more often than it allows.
+UPDATE activation_tokens SET uses = uses + 1
+WHERE id = :id AND secret_hash = :secret_hash AND revoked_at IS NULL AND expires_at > now()
+  AND uses < max_uses
+RETURNING id;
+
+-- name: activation_token_state
+SELECT secret_hash, uses, max_uses, expires_at <= now() AS expired,
+       revoked_at IS NOT NULL AS revoked
+FROM activation_tokens WHERE id = :id;
+
+-- name: next_agent_id
+SELECT nextval('agents_id_seq') AS id;
+
+-- name: insert_agent
+INSERT INTO agents (id, hostname, cert_serial, cert_not_after, token_id, activated_on)
+VALUES (:id, :hostname, :cert_serial, :cert_not_after, :token_id, :activated_on);
+
+-- name: record_heartbeats
+-- Group commit: many agents' heartbeats in one statement. An agent's heartbeat is recorded only
+-- when its certificate is the one on record and not revoked, and its events leave no gap; its
+-- events are stored once per (agent, seq), skipping those already acknowledged (a retry after a
+-- lost answer). Rows are locked in id order, so concurrent batches on several nodes never
+-- deadlock. Nothing is returned for a refused heartbeat (heartbeat_refusals says why).
+WITH hb AS (
+    SELECT * FROM unnest(CAST(:ids AS bigint[]), CAST(:serials AS bigint[]),
+                         CAST(:first_seqs AS bigint[]), CAST(:last_seqs AS bigint[]),
+                         CAST(:statuses AS text[]), CAST(:messages AS text[]),
+                         CAST(:versions AS text[]), CAST(CAST(:counters AS text[]) AS jsonb[]),
+                         CAST(:clocks AS float8[]), CAST(:fingerprints AS text[]))
+         AS t(id, serial, first_seq, last_seq, status, message, version, counters, clock,
+              fingerprint)
+), locked AS (
+    SELECT a.id, a.acked_seq FROM agents a JOIN hb ON hb.id = a.id
+    WHERE a.cert_serial = hb.serial AND a.status <> 'deactivated'
+      AND (hb.first_seq IS NULL OR hb.first_seq <= a.acked_seq + 1)
+    ORDER BY a.id
+    FOR UPDATE OF a
+), updated AS (
+    UPDATE agents a
+    SET last_heartbeat = now(), last_node = :node_id, heartbeats = a.heartbeats + 1,
+        acked_seq = greatest(l.acked_seq, coalesce(hb.last_seq, 0)),
+        status = 'online',
+        status_changed_at = CASE WHEN a.status = 'online' THEN a.status_changed_at ELSE now() END,
+        agent_status = hb.status, status_message = hb.message, agent_version = hb.version,
+        counters = hb.counters,
+        clock_skew_seconds = hb.clock - CAST(extract(epoch FROM now()) AS float8),
+        config_fingerprint = hb.fingerprint
+    FROM locked l JOIN hb ON hb.id = l.id
+    WHERE a.id = l.id
+    RETURNING a.id, a.acked_seq
+), stored AS (
+    INSERT INTO agent_events (agent_id, seq, type, agent_time, data, node_id)
+    SELECT e.agent_id, e.seq, e.type, e.at, e.data, :node_id
+    FROM unnest(CAST(:e_agents AS bigint[]), CAST(:e_seqs AS bigint[]), CAST(:e_types AS text[]),
+                CAST(:e_ats AS float8[]), CAST(CAST(:e_datas AS text[]) AS jsonb[]))
+         AS e(agent_id, seq, type, at, data)
+    JOIN locked l ON l.id = e.agent_id
+    WHERE e.seq > l.acked_seq
+    ON CONFLICT (agent_id, seq) DO NOTHING
+    RETURNING 1
+)
+SELECT u.id, u.acked_seq, (SELECT count(*) FROM stored) AS stored FROM updated u;
+
+-- name: heartbeat_refusals
+SELECT id, cert_serial, status, acked_seq FROM agents WHERE id = ANY(CAST(:ids AS bigint[]));
+
+-- name: list_agents
+SELECT a.id, a.hostname, a.status, a.status_changed_at, a.activated_at, a.activated_on,
+       a.last_heartbeat, n.name AS last_node, a.heartbeats, a.acked_seq, a.agent_status,
+       a.status_message, a.agent_version, a.clock_skew_seconds, a.config_fingerprint,
+       a.counters, a.cert_not_after, a.deactivated_at, now() AS db_now
+FROM agents a LEFT JOIN nodes n ON n.id = a.last_node
+WHERE (CAST(:status AS text) IS NULL OR a.status = :status)
+  AND (CAST(:agent_id AS bigint) IS NULL OR a.id = :agent_id)
+ORDER BY a.id LIMIT :limit;
+
+-- name: agent_status_counts
+SELECT status, count(*) AS n FROM agents GROUP BY status ORDER BY status;
+
+-- name: deactivate_agent
+-- Revokes the agent's certificate on every node at once: every heartbeat checks this row in its
+-- own transaction (record_heartbeats), so none is recorded after this commits.
+UPDATE agents SET status = 'deactivated', deactivated_at = now(), status_changed_at = now()
+WHERE id = :id AND status <> 'deactivated'
+RETURNING id, hostname;
+
+-- name: agent_events
+SELECT e.seq, e.type, e.agent_time, e.data, e.received_at, n.name AS node
+FROM agent_events e LEFT JOIN nodes n ON n.id = e.node_id
+WHERE e.agent_id = :agent_id AND e.seq > :after
+ORDER BY e.seq LIMIT :limit;
+
+-- name: mark_silent_agents_offline
+WITH gone AS (
+    UPDATE agents SET status = 'offline', status_changed_at = now()
+    WHERE status = 'online' AND :missed > 0
+      AND last_heartbeat < now() - make_interval(secs => :interval * :missed)
+    RETURNING id, hostname, last_heartbeat
+), alerted AS (
+    INSERT INTO agent_alerts (type, agent_id, message)
+    SELECT 'Agent Offline', id,
+           hostname || ': no heartbeat for '
+           || round(extract(epoch FROM now() - last_heartbeat)) || ' s'
+    FROM gone
+    ON CONFLICT (type, agent_id) WHERE cleared_at IS NULL DO NOTHING
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM gone) AS offline, (SELECT count(*) FROM alerted) AS alerted;
+
+-- name: clear_agent_offline_alerts
+UPDATE agent_alerts al SET cleared_at = now()
+FROM agents a
+WHERE al.agent_id = a.id AND al.type = 'Agent Offline' AND al.cleared_at IS NULL
+  AND a.status <> 'offline'
+RETURNING al.id;
+
+-- name: raise_agent_clock_alerts
+INSERT INTO agent_alerts (type, agent_id, message)
+SELECT 'Agent Clock Out of Sync', id,
+       hostname || ': clock differs from the database''s by '
+       || round(CAST(clock_skew_seconds AS numeric), 1) || ' s'
+FROM agents WHERE status = 'online' AND abs(clock_skew_seconds) > :limit
+ON CONFLICT (type, agent_id) WHERE cleared_at IS NULL DO NOTHING
+RETURNING id;
+
+-- name: clear_agent_clock_alerts
+UPDATE agent_alerts al SET cleared_at = now()
+FROM agents a
+WHERE al.agent_id = a.id AND al.type = 'Agent Clock Out of Sync' AND al.cleared_at IS NULL
+  AND (a.status = 'deactivated'
+       OR (a.status = 'online' AND abs(coalesce(a.clock_skew_seconds, 0)) <= :limit))
+RETURNING al.id;
+
+-- name: list_agent_alerts
+SELECT al.id, al.type, al.agent_id, a.hostname, al.message, al.raised_at, al.cleared_at
+FROM agent_alerts al JOIN agents a ON a.id = al.agent_id
+WHERE al.cleared_at IS NULL OR :include_cleared
+ORDER BY al.id DESC LIMIT :limit;
+
+-- name: prune_agent_events
+DELETE FROM agent_events
+WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM agent_events
+    WHERE received_at < now() - make_interval(secs => :retention)
+    LIMIT :batch
+));
+
+-- name: prune_agent_alerts
+DELETE FROM agent_alerts
+WHERE cleared_at < now() - make_interval(secs => :retention);
 
 -- ---------------------------------------------------------------------------------------------
 -- Server administration (dsm up's embedded server): plain psycopg, outside any transaction.

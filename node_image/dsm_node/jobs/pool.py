@@ -86,6 +86,25 @@ class JobCount:
 
 
 @dataclass(frozen=True)
+class MinuteCount:
+    """Jobs a node finished in one minute (the database's clock), all types and outcomes."""
+
+    node_id: int
+    node: str
+    minute: dt.datetime
+    jobs: int
+
+
+@dataclass(frozen=True)
+class Activity:
+    """Jobs per node and minute over a window, and the database's clock when they were read
+    (which minute is "this minute")."""
+
+    db_now: dt.datetime
+    minutes: list[MinuteCount]
+
+
+@dataclass(frozen=True)
 class QueueDepth:
     type: str
     state: states.JobState
@@ -339,6 +358,18 @@ class JobPool:
                 )
                 for r in rows
             ]
+
+    async def activity(self, window_seconds: int) -> Activity:
+        """Jobs finished per node and minute over the window (rolled-up minutes and the raw
+        tail, like ``stats``): the console's activity graph."""
+        async with self.engine.connect() as conn:
+            now: dt.datetime = (await conn.execute(Q.db_clock)).one().db_now
+            rows = await conn.execute(Q.job_activity_by_minute, {"window": window_seconds})
+            minutes = [
+                MinuteCount(int(r.node_id), r.node or f"node-{r.node_id}", r.minute, int(r.jobs))
+                for r in rows
+            ]
+        return Activity(now, minutes)
 
     async def queue_depth(self) -> list[QueueDepth]:
         async with self.engine.connect() as conn:

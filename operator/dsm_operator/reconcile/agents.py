@@ -30,11 +30,14 @@ class Change:
 
 
 def change(
-    spec: ManagerSpec, load_balancer_address: str | None, recorded: Mapping[str, Any] | None
+    spec: ManagerSpec,
+    load_balancer_address: str | None,
+    recorded: Mapping[str, Any] | None,
+    agent_address: str | None = None,
 ) -> Change | None:
-    """What to write, or ``None`` when the managers already have it (or the load balancer has
-    no address yet)."""
-    values = manifests.agent_settings(spec, load_balancer_address)
+    """What to write, or ``None`` when the managers already have it (or a load balancer has
+    no address yet). ``agent_address``: the heartbeat channel's Service."""
+    values = manifests.agent_settings(spec, load_balancer_address, agent_address)
     if values is None:
         return None
     wanted = {"mode": spec.agent_connection, **values}
@@ -43,7 +46,8 @@ def change(
     if wanted == have:
         return None
     where = (
-        f" ({values['managerAddress']}:{values['managerPort']})"
+        f" (console {values['managerAddress']}:{values['managerPort']}, heartbeats "
+        f"{values['heartbeatAddress']}:{values['heartbeatPort']})"
         if values.get("managerAddress")
         else ""
     )

@@ -343,6 +343,39 @@ def load_balancer_service(spec: ManagerSpec, owner: Owner) -> Manifest | None:
     return {"apiVersion": "v1", "kind": "Service", "metadata": metadata, "spec": service_spec}
 
 
+def agent_load_balancer_service(spec: ManagerSpec, owner: Owner) -> Manifest | None:
+    """The heartbeat channel's own published address: TCP ``loadBalancer.port`` (443) passed
+    through to the nodes' heartbeat port (4120), beside the console's (443 -> 4119). Agents
+    authenticate with client certificates, so TLS must reach the node: no termination, and each
+    heartbeat's connection stays on one node."""
+    lb = spec.load_balancer
+    if not lb.enabled:
+        return None
+    service_spec: dict[str, Any] = {
+        "type": lb.service_type,
+        "selector": names.selector_labels(owner.name),
+        "sessionAffinity": "None",
+        "ports": [
+            {
+                "name": names.NODE_HEARTBEAT_PORT_NAME,
+                "port": lb.port,
+                "targetPort": names.NODE_HEARTBEAT_PORT_NAME,
+                "protocol": "TCP",
+            }
+        ],
+    }
+    if lb.service_type != "ClusterIP":
+        service_spec["externalTrafficPolicy"] = lb.external_traffic_policy
+    if lb.service_type == "LoadBalancer" and lb.source_ranges:
+        service_spec["loadBalancerSourceRanges"] = list(lb.source_ranges)
+    metadata = _metadata(
+        owner, names.agent_load_balancer_service_name(owner.name), "agent-load-balancer"
+    )
+    if lb.annotations:
+        metadata["annotations"] = dict(lb.annotations)
+    return {"apiVersion": "v1", "kind": "Service", "metadata": metadata, "spec": service_spec}
+
+
 def pod_disruption_budget(spec: ManagerSpec, owner: Owner) -> Manifest | None:
     """Guards against voluntary evictions (drains). The operator's own rollouts delete pods
     directly and are not counted against it."""
@@ -449,6 +482,7 @@ def children(
         service_account(owner),
         headless_service(owner),
         load_balancer_service(spec, owner),
+        agent_load_balancer_service(spec, owner),
         pod_disruption_budget(spec, owner),
         service_monitor(spec, owner) if service_monitor_api else None,
         prometheus_rule(spec, owner) if service_monitor_api else None,
@@ -468,6 +502,7 @@ def unwanted_children(spec: ManagerSpec, owner: Owner) -> list[tuple[str, str, s
     result = []
     if not spec.load_balancer.enabled:
         result.append(("v1", "Service", names.load_balancer_service_name(owner.name)))
+        result.append(("v1", "Service", names.agent_load_balancer_service_name(owner.name)))
     if not spec.pod_disruption_budget.enabled:
         result.append(("policy/v1", "PodDisruptionBudget", names.pdb_name(owner.name)))
     if not spec.monitoring.service_monitor:
@@ -491,22 +526,25 @@ AGENT_SETTING_KEYS = (
 )
 
 
-def agent_settings(spec: ManagerSpec, load_balancer_address: str | None) -> dict[str, Any] | None:
+def agent_settings(
+    spec: ManagerSpec, load_balancer_address: str | None, agent_address: str | None = None
+) -> dict[str, Any] | None:
     """The cluster settings (``PATCH /api/settings``) that tell agents where to connect.
 
     ``nodeList``: every override cleared, so the managers hand out the list of node addresses.
-    ``loadBalancer``: manager, heartbeat and relay all point at the load balancer's published
-    port (one port, TCP passthrough). ``None`` while the load balancer has no address yet.
+    ``loadBalancer``: manager and relay point at the console's Service, heartbeats at the
+    heartbeat channel's own Service (each its published port, TCP passthrough). ``None`` until
+    both have an address.
     """
     if spec.agent_connection == "nodeList":
         return dict.fromkeys(AGENT_SETTING_KEYS)
-    if not load_balancer_address:
+    if not load_balancer_address or not agent_address:
         return None
     port = spec.load_balancer.port
     return {
         "managerAddress": load_balancer_address,
         "managerPort": port,
-        "heartbeatAddress": load_balancer_address,
+        "heartbeatAddress": agent_address,
         "heartbeatPort": port,
         "relayAddress": load_balancer_address,
         "relayPort": port,

@@ -92,6 +92,11 @@ def load_balancer_service_name(cr_name: str) -> str:
     return f"{cr_name}-lb"
 
 
+def agent_load_balancer_service_name(cr_name: str) -> str:
+    """The heartbeat channel's own Service (agents; TCP passthrough to the heartbeat port)."""
+    return f"{cr_name}-agents"
+
+
 def pdb_name(cr_name: str) -> str:
     return cr_name
 

@@ -73,6 +73,8 @@ class Observation:
     decommissioned: Sequence[str] = ()
     """Nodes decommissioned in this pass."""
     load_balancer_address: str | None = None
+    agent_load_balancer_address: str | None = None
+    """The heartbeat channel's Service address (agents)."""
 
 
 def _ts(now: datetime.datetime) -> str:
@@ -237,6 +239,10 @@ def build(obs: Observation, previous: Mapping[str, Any] | None) -> dict[str, Any
         status["loadBalancerAddress"] = obs.load_balancer_address
     elif previous.get("loadBalancerAddress"):
         status["loadBalancerAddress"] = previous["loadBalancerAddress"]
+    if obs.agent_load_balancer_address:
+        status["agentLoadBalancerAddress"] = obs.agent_load_balancer_address
+    elif previous.get("agentLoadBalancerAddress"):
+        status["agentLoadBalancerAddress"] = previous["agentLoadBalancerAddress"]
     launch = obs.plan.launch
     if launch is not None:
         status["launch"] = {"pod": launch.pod, "startedAt": _ts(launch.started_at)}
@@ -257,7 +263,14 @@ def launch_of(status: Mapping[str, Any] | None) -> planning.Launch | None:
 
 
 OPTIONAL_KEYS: Final = frozenset(
-    {"launch", "rollout", "decommissioned", "loadBalancerAddress", "agentSettings"}
+    {
+        "launch",
+        "rollout",
+        "decommissioned",
+        "loadBalancerAddress",
+        "agentLoadBalancerAddress",
+        "agentSettings",
+    }
 )
 """Status keys the operator writes only sometimes: absent from a new status means removed."""
 NESTED_KEYS: Final[Mapping[str, frozenset[str]]] = {
