@@ -151,6 +151,9 @@ class Node:
         reasons = []
         if self.lease.identity is None:
             reasons.append(f"not registered ({phase})")
+        elif phase is Phase.JOINING:
+            # registered, but the services the API needs are not built yet (503 'not ready yet')
+            reasons.append("registered, still joining")
         if phase is Phase.FENCED:
             reasons.append("database unreachable: stopped working until it is back")
         if phase is Phase.REJOINING:
@@ -327,6 +330,7 @@ class Node:
             ("gauges", lambda: self._refresh_gauges(r)),
         )
         while True:
+            changed = self.live.watch()
             for name, step in steps:
                 try:
                     await step()
@@ -336,7 +340,7 @@ class Node:
                         log.warning("could not refresh %s: %s", name, _first_line(e))
                     failing.add(name)
             await self.live.pause(
-                min(SETTINGS_REFRESH_SECONDS, self.live.timing.heartbeat_interval)
+                min(SETTINGS_REFRESH_SECONDS, self.live.timing.heartbeat_interval), since=changed
             )
 
     async def _refresh_gauges(self, r: Running) -> None:

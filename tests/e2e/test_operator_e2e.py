@@ -227,18 +227,40 @@ def test_upgrade_takes_over_one_node_at_a_time_and_loses_no_job(
     logs = kubelet.logs(manager.namespace, lines=10_000)
     assert logs.count(f"schema migrated to version {V2_SCHEMA}") == 1, "exactly one node migrated"
     assert "took over the cluster at version 0.2.0" in logs
+    # One disruption at a time: every pod replaced exactly once, each deletion after the previous
+    # replacement was Ready, and never two nodes starting at once. The order is the planner's and
+    # not fixed here: outdated pods that are not Ready go first, then the lowest ordinal. Once the
+    # first replacement takes over, the other two turn Offline (Upgrade Required) -- unready --
+    # in whichever order the operator happens to observe (on a busy machine mgr-2 may be seen
+    # unready before mgr-1). tests/operator/test_operator_planning.py fixes the rule itself.
+    events = [e for e in kubelet.events_of(manager.namespace) if e.at >= upgrade_started]
+    terminations = [e for e in events if e.kind == "terminating"]
+    order = [e.pod for e in terminations]
+    assert sorted(order) == ["mgr-0", "mgr-1", "mgr-2"], f"each pod replaced once: {order}"
+    new_ready = [e for e in events if e.kind == "ready"]
+    for prev, term in itertools.pairwise(terminations):
+        replacement_ready = [e for e in new_ready if e.pod == prev.pod and e.at > prev.at]
+        assert replacement_ready and replacement_ready[0].at < term.at, (
+            f"{term.pod} deleted before the new {prev.pod} was Ready (order {order})"
+        )
+    assert concurrent_starts(kubelet.events_of(manager.namespace)) == []
+
     # While it happened, the old nodes were Offline (Upgrade Required): in the database, through
-    # the upgraded node's API and in the resource's status.
-    # mgr-2 stays so until mgr-1's replacement is Ready; mgr-1 only until the operator's next
-    # pass deletes it (about a second), so one view of it is enough.
-    seen = f"DB {dict(observer.db)}\nAPI {dict(observer.api)}\nresource {dict(observer.resource)}"
-    assert "upgrade_required" in observer.db["mgr-2"], seen
-    assert UPGRADE_REQUIRED in observer.api["mgr-2"], seen
-    assert UPGRADE_REQUIRED in observer.resource["mgr-2"], seen
+    # the upgraded node's API and in the resource's status. The last pod replaced stays so until
+    # the second one's replacement is Ready; the second only until the operator's next pass
+    # deletes it (about a second), so one view of it is enough.
+    _, second, last = order
+    seen = (
+        f"order {order}\nDB {dict(observer.db)}\nAPI {dict(observer.api)}\n"
+        f"resource {dict(observer.resource)}"
+    )
+    assert "upgrade_required" in observer.db[last], seen
+    assert UPGRADE_REQUIRED in observer.api[last], seen
+    assert UPGRADE_REQUIRED in observer.resource[last], seen
     assert (
-        "upgrade_required" in observer.db["mgr-1"]
-        or UPGRADE_REQUIRED in observer.api["mgr-1"]
-        or UPGRADE_REQUIRED in observer.resource["mgr-1"]
+        "upgrade_required" in observer.db[second]
+        or UPGRADE_REQUIRED in observer.api[second]
+        or UPGRADE_REQUIRED in observer.resource[second]
     ), seen
     assert manager.db_nodes() == {n: ("online", "0.2.0") for n in ("mgr-0", "mgr-1", "mgr-2")}
     assert_runtime(manager, kubelet)
@@ -256,19 +278,6 @@ def test_upgrade_takes_over_one_node_at_a_time_and_loses_no_job(
     )
     assert (rollout["fromVersion"], rollout["targetVersion"]) == ("0.1.0", "0.2.0"), rollout
     assert manager.status()["currentVersion"] == "0.2.0"
-
-    # One node at a time, lowest ordinal first: each deletion after the previous replacement
-    # was Ready, and never two nodes starting at once.
-    events = [e for e in kubelet.events_of(manager.namespace) if e.at >= upgrade_started]
-    terminations = [e for e in events if e.kind == "terminating"]
-    assert [e.pod for e in terminations] == ["mgr-0", "mgr-1", "mgr-2"]
-    new_ready = [e for e in events if e.kind == "ready"]
-    for prev, term in itertools.pairwise(terminations):
-        replacement_ready = [e for e in new_ready if e.pod == prev.pod and e.at > prev.at]
-        assert replacement_ready and replacement_ready[0].at < term.at, (
-            f"{term.pod} deleted before the new {prev.pod} was Ready"
-        )
-    assert concurrent_starts(kubelet.events_of(manager.namespace)) == []
 
     # Jobs: none lost, none ran twice.
     wait_until(

@@ -544,15 +544,25 @@ def issue_cases() -> Iterator[Case]:
     )
 
 
-CASES = [
-    *parser_cases(),
-    *issue_cases(),
-    *grid(),
-    *payload_cases(),
-    *body_cases(),
-    *target_cases(),
-    *header_cases(),
-]
+# The catalogue by family: each family is its own test (a few hundred requests at most), so no
+# test comes near the suite's per-test timeout on a busy machine.
+def by_target(cases: list[Case]) -> dict[str, list[Case]]:
+    out: dict[str, list[Case]] = {}
+    for c in cases:
+        out.setdefault(str(c.target), []).append(c)
+    return out
+
+
+FAMILIES = {
+    "parser": list(parser_cases()),
+    "issue 9": list(issue_cases()),
+    **{f"grid {target}": cases for target, cases in by_target(list(grid())).items()},
+    "payload": list(payload_cases()),
+    "body": list(body_cases()),
+    "target": list(target_cases()),
+    "header": list(header_cases()),
+}
+CASES = [c for cases in FAMILIES.values() for c in cases]
 
 
 @pytest.fixture(scope="module")
@@ -633,23 +643,27 @@ def test_the_requests_of_issue_9_get_a_4xx_naming_the_problem(
     assert problem(case, case.send(node)) is None
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 def test_every_hostile_input_gets_a_4xx_stores_nothing_and_logs_no_error(
-    node: NodeProcess,
+    node: NodeProcess, family: str
 ) -> None:
-    """All cases (over a thousand), eight at a time; every wrong answer is reported."""
+    """All cases of a family (all families: over a thousand cases), eight at a time; every wrong
+    answer is reported."""
+    cases = FAMILIES[family]
     before = snapshot(node.database_url)
     with ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda c: (c, problem(c, c.send(node))), CASES))
+        answers = list(pool.map(lambda c: (c, problem(c, c.send(node))), cases))
     wrong = [f"{c.id}: {p}" for c, p in answers if p is not None]
-    assert not wrong, f"{len(wrong)} of {len(CASES)} wrong:\n" + "\n".join(wrong[:60])
+    assert not wrong, f"{len(wrong)} of {len(cases)} wrong:\n" + "\n".join(wrong[:60])
     assert snapshot(node.database_url) == before
     log = node.log_text()
     assert "Traceback" not in log and " ERROR " not in log, node.log_tail(40)
-    # a malformed request is one line in the log, naming the request and the problem
-    assert any(
-        "POST /api/jobs from" in line and "400" in line and "NUL" in line
-        for line in log.splitlines()
-    )
+    if family == "issue 9":  # early in the run: within the log's per-minute budget
+        # a malformed request is one line in the log, naming the request and the problem
+        assert any(
+            "POST /api/jobs from" in line and "400" in line and "NUL" in line
+            for line in log.splitlines()
+        )
 
 
 def test_the_node_still_serves_after_the_barrage(node: NodeProcess) -> None:

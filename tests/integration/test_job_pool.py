@@ -20,6 +20,7 @@ from dsm_node.jobs import (
 from dsm_node.jobs.pool import JobPool, NewJob
 from dsm_node.jobs.registry import REGISTRY, Periodic, Registry
 from tests.support import jobtypes  # noqa: F401
+from tests.support.postgres import SWEEP_THRESHOLD, server_up_for
 
 pytestmark = pytest.mark.integration
 
@@ -27,6 +28,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
     e = create_engine(database_url, pool_size=4)
+    await server_up_for(e)  # the tests fake silence by backdating heartbeats
     yield e
     await e.dispose()
 
@@ -86,7 +88,9 @@ async def test_completion_is_fenced_by_owner_and_attempt(
             text("UPDATE nodes SET last_heartbeat = now() - interval '1 hour' WHERE id = :id"),
             {"id": a.node_id},
         )
-    swept = await Membership(engine).sweep(threshold_seconds=180, deadline_grace_seconds=60)
+    swept = await Membership(engine).sweep(
+        threshold_seconds=SWEEP_THRESHOLD, deadline_grace_seconds=60
+    )
     assert swept.offline[0][0] == "a" and swept.requeued == 1
     (second,) = await pool.claim(b.node_id, b.epoch, 1)
     assert second.id == job_id and second.attempt == first.attempt + 1
@@ -154,7 +158,9 @@ async def test_local_jobs_fan_out_to_online_nodes_only(pool: JobPool, engine: As
             text("UPDATE nodes SET last_heartbeat = now() - interval '1 hour' WHERE id = :id"),
             {"id": b.node_id},
         )
-    swept = await Membership(engine).sweep(threshold_seconds=180, deadline_grace_seconds=60)
+    swept = await Membership(engine).sweep(
+        threshold_seconds=SWEEP_THRESHOLD, deadline_grace_seconds=60
+    )
     assert swept.discarded == 1
     outcomes = await scalar(engine, "SELECT string_agg(outcome, ',') FROM job_history")
     assert outcomes == "discarded"

@@ -20,6 +20,7 @@ from dsm_node.jobs import (
     states,
 )
 from dsm_node.jobs.pool import JobPool, NewJob
+from tests.support.postgres import SWEEP_THRESHOLD, server_up_for
 
 pytestmark = pytest.mark.integration
 
@@ -31,6 +32,7 @@ LIMITS = SessionLimits({"lock_timeout": "2s"})
 @pytest.fixture
 async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
     e = create_engine(database_url, pool_size=4, limits=LIMITS)
+    await server_up_for(e)  # the tests fake silence by backdating heartbeats
     yield e
     await e.dispose()
 
@@ -60,7 +62,9 @@ async def scalar(engine: AsyncEngine, sql: str, **params: object) -> object:
 
 
 async def sweep(engine: AsyncEngine, grace: float = 60) -> object:
-    return await Membership(engine).sweep(threshold_seconds=180, deadline_grace_seconds=grace)
+    return await Membership(engine).sweep(
+        threshold_seconds=SWEEP_THRESHOLD, deadline_grace_seconds=grace
+    )
 
 
 async def hold(conn: AsyncConnection, sql: str, **params: object) -> None:

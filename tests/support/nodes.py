@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import ssl
 import subprocess
 import sys
 import urllib.error
@@ -28,6 +27,7 @@ from typing import Any
 
 import psycopg
 
+from tests.support import rawhttp
 from tests.support.loopback import free_port, next_address
 from tests.support.processes import ChildProcess
 from tests.support.waiting import wait_until
@@ -95,9 +95,7 @@ class NodeProcess:
     ) -> tuple[int, Any]:
         """Calls the node's API, authenticated with the bootstrap API key unless ``headers``
         override Authorization (None drops it)."""
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
+        ctx = rawhttp.tls_context()
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
         req = urllib.request.Request(self.url + path, data=data, method=method)
         req.add_header("Content-Type", "application/json")

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from dsm_node.db import migrating
 from dsm_node.db.engine import create_engine
@@ -27,6 +29,24 @@ from dsm_node.embedded_pg import EmbeddedPostgres, PostgresNotFound
 
 TEMPLATE = "dsm_template"
 _counter = itertools.count()
+
+# The offline threshold of in-process sweeps in tests that fake a node's silence by backdating its
+# heartbeat: longer than such a test takes, short enough to wait for (see server_up_for).
+SWEEP_THRESHOLD = 30.0
+
+
+async def server_up_for(engine: AsyncEngine, seconds: float = SWEEP_THRESHOLD) -> None:
+    """Waits until the database server has been up for ``seconds``. Peers count a node's silence
+    from its last heartbeat or the server's start, whichever is later (a restart alone makes no
+    node Offline), so a backdated heartbeat looks silent only on a server older than the
+    threshold."""
+    async with engine.connect() as conn:
+        up = (
+            await conn.execute(
+                text("SELECT extract(epoch FROM now() - pg_postmaster_start_time())")
+            )
+        ).scalar_one()
+    await asyncio.sleep(max(0.0, seconds - float(up)))
 
 
 class Server:

@@ -34,11 +34,15 @@ class FakeMembers:
         self.registered = 0
         self.decommissioned = False
         self.release_hang = asyncio.Event()
+        self.during_heartbeat: Callable[[], None] | None = None
 
     async def heartbeat(
         self, me: Identity, skew: float | None = None, time_zone: str | None = None
     ) -> Renewal | None:
         self.heartbeats += 1
+        if self.during_heartbeat is not None:
+            self.during_heartbeat()
+            await asyncio.sleep(0)
         if self.answer == "hang":
             try:
                 await self.release_hang.wait()
@@ -166,3 +170,27 @@ async def test_a_stop_keeps_the_lease_and_never_resumes() -> None:
         beats = h.members.heartbeats
         await until(lambda: h.members.heartbeats > beats + 2, "heartbeats go on while stopping")
         assert h.lease.phase is Phase.STOPPING and "resume" not in h.work.calls
+
+
+async def test_a_shorter_interval_adopted_during_a_heartbeat_applies_to_the_next_one() -> None:
+    """The settings refresh adopts a shorter interval while a heartbeat is in flight (a node that
+    came up on the default 10 s, as the first node of a cluster whose timing is then set): the
+    next heartbeat must come at the new interval. It used to sleep the old one out (the pause
+    began after the change had woken nobody), and peers declared the node offline."""
+    async with Harness() as h:
+        await until(lambda: h.members.heartbeats >= 1, "first heartbeat")
+        slow = ClusterSettings().model_copy(
+            update={"heartbeat_interval_seconds": 3600, "offline_threshold_seconds": 10800}
+        )
+        fast = ClusterSettings().model_copy(
+            update={"heartbeat_interval_seconds": 0.1, "offline_threshold_seconds": 0.6}
+        )
+
+        def refresh_adopts_fast() -> None:  # once: inside the first heartbeat at the slow timing
+            if h.live.timing.heartbeat_interval == 3600:
+                h.live.adopt(fast)
+
+        h.members.during_heartbeat = refresh_adopts_fast
+        h.live.adopt(slow)  # wakes the keeper: its next heartbeat runs at the slow timing
+        beats = h.members.heartbeats
+        await until(lambda: h.members.heartbeats >= beats + 4, "heartbeats at the new interval")

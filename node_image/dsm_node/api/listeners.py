@@ -7,14 +7,16 @@ aiohttp 3.14 a client that dribbles header bytes holds its connection forever), 
 - TLS handshake: ``tls_handshake_timeout``.
 - Request head (request line and headers): ``header_timeout``, counted from the connection's
   start, or from the first byte of a later request on a kept-alive connection; the connection is
-  closed when the head is not complete by then.
+  closed when the head is not complete by then. The deadline is met when the parser has the
+  whole head (``data_received``), not when the handler's task gets to it.
 - Request body: read by the handlers within ``Limits.body_timeout_seconds`` (408, then closed);
   a body nobody reads is drained for at most ``LINGERING_SECONDS``.
 - Idle keep-alive: ``keepalive_timeout``.
 
 A connection is in one of three states: waiting for a head (deadline armed), in a request (the
-head arrived: ``note_head`` is called by the request factory), or idle after a request (the guard
-middleware calls ``note_done``; the next byte starts a new head deadline).
+head arrived: ``note_head``, from ``data_received`` and again from the request factory), or idle
+after a request (the guard middleware calls ``note_done``; the next byte starts a new head
+deadline).
 """
 
 from __future__ import annotations
@@ -68,7 +70,14 @@ class DeadlineRequestHandler(web_protocol.RequestHandler):
     def data_received(self, data: bytes) -> None:
         if not self._in_request and self._head_timer is None:
             self._arm()  # the first byte of the next request on a kept-alive connection
+        heads = self._request_count
         super().data_received(data)
+        if self._request_count != heads:
+            # The head is complete now, so the deadline is met now. The request factory (which
+            # also calls note_head) runs later, in the handler's task: on a loaded machine the
+            # deadline's timer, due in the same turn of the loop, would run first and close a
+            # connection whose head arrived in time.
+            self.note_head()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm()

@@ -199,6 +199,7 @@ class LeaseKeeper:
         attempt: asyncio.Task[_Outcome] | None = None
         started = 0.0
         while True:
+            changed = self.live.watch()
             t = self.live.timing
             t0 = loop.time()
             kind = lease.attempt_for(self.lease.phase)
@@ -229,7 +230,7 @@ class LeaseKeeper:
                 except Exception as e:
                     log.warning("could not record the clock check: %s", _first_line(e))
             wait = lease.next_attempt_in(self.lease.phase, pace, t)
-            await self.live.pause(wait - (loop.time() - t0))
+            await self.live.pause(wait - (loop.time() - t0), since=changed)
 
     def _outcome_of(self, attempt: asyncio.Task[_Outcome]) -> _Outcome:
         if attempt.cancelled():

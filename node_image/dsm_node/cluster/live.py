@@ -50,9 +50,15 @@ class LiveSettings:
             }
         )
 
-    async def pause(self, seconds: float) -> None:
-        """Sleeps, waking early when the cluster's timing changes."""
-        changed = self._changed
+    def watch(self) -> asyncio.Event:
+        """A token for ``pause``: set once the timing changes after this call."""
+        return self._changed
+
+    async def pause(self, seconds: float, since: asyncio.Event | None = None) -> None:
+        """Sleeps, waking early when the cluster's timing changes -- since ``since`` was taken
+        (``watch``), when given: a loop that read the timing, then worked (awaiting the database),
+        then pauses, must not miss a change made while it worked and sleep out the old interval."""
+        changed = since if since is not None else self._changed
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max(0.0, seconds)):
                 await changed.wait()

@@ -294,7 +294,7 @@ class Membership:
                 version=r.version,
                 stored_status=StoredStatus(r.status),
                 status=effective_status(
-                    StoredStatus(r.status), r.last_heartbeat, r.db_now, threshold_seconds
+                    StoredStatus(r.status), r.silent_since, r.db_now, threshold_seconds
                 ),
                 status_reason=r.status_reason,
                 last_heartbeat=r.last_heartbeat,

@@ -33,15 +33,14 @@ _SHOWN = {
 
 
 def effective_status(
-    stored: StoredStatus, last_heartbeat: dt.datetime, db_now: dt.datetime, threshold_seconds: float
+    stored: StoredStatus, silent_since: dt.datetime, db_now: dt.datetime, threshold_seconds: float
 ) -> NodeStatus:
-    """A node recorded online whose heartbeat is older than the threshold is shown Offline even
-    before a peer has marked it (there may be no peer left to do so)."""
+    """A node recorded online that has been silent for longer than the threshold is shown Offline
+    even before a peer has marked it (there may be no peer left to do so). ``silent_since``: its
+    last heartbeat, or the database server's start when that is later (nobody could heartbeat
+    while the server was down; see ``mark_silent_nodes_offline`` in queries.sql)."""
     status = _SHOWN[StoredStatus(stored)]
-    if (
-        status is NodeStatus.ONLINE
-        and (db_now - last_heartbeat).total_seconds() > threshold_seconds
-    ):
+    if status is NodeStatus.ONLINE and (db_now - silent_since).total_seconds() > threshold_seconds:
         return NodeStatus.OFFLINE
     return status
 

@@ -28,6 +28,7 @@ async def sweep_forever(
     sweep: asyncio.Task[None] | None = None
     sweep_started = 0.0
     while True:
+        changed = live.watch()
         t = live.timing
         t0 = loop.time()
         if active():
@@ -40,7 +41,7 @@ async def sweep_forever(
                     log.warning("sweep failed: %s", _first_line(e) or type(e).__name__)
             else:
                 log.warning("sweep waiting on the database for %.1f s", loop.time() - sweep_started)
-        await live.pause(t.heartbeat_interval - (loop.time() - t0))
+        await live.pause(t.heartbeat_interval - (loop.time() - t0), since=changed)
 
 
 async def sweep_once(membership: Membership, t: Timing) -> None:

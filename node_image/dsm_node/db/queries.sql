@@ -137,12 +137,17 @@ RETURNING now() AS db_now, clock_timestamp() AS db_clock,
 -- name: mark_silent_nodes_offline
 -- A silent node's row may be locked by its own frozen heartbeat: skipped until the server ends
 -- that session (idle_in_transaction_session_timeout, a third of the threshold).
+-- Silence counts from the last heartbeat or the database server's start, whichever is later:
+-- while the server was down nobody could heartbeat, so a restart alone must not make the nodes
+-- that were waiting for it Offline; each gets the whole threshold to heartbeat again.
 UPDATE nodes n SET status = 'offline', status_changed_at = now(),
                    status_reason = 'no heartbeat for '
                                    || round(extract(epoch FROM now() - n.last_heartbeat)) || ' s'
 FROM (
     SELECT id FROM nodes
-    WHERE status = 'online' AND last_heartbeat < now() - make_interval(secs => :threshold)
+    WHERE status = 'online'
+      AND greatest(last_heartbeat, pg_postmaster_start_time())
+          < now() - make_interval(secs => :threshold)
     FOR UPDATE SKIP LOCKED
 ) silent
 WHERE n.id = silent.id
@@ -210,7 +215,9 @@ WHERE j.id = r.id AND j.attempt = r.attempt AND j.owner_node = :node_id AND j.st
 RETURNING j.id;
 
 -- name: list_nodes
+-- silent_since: where silence counts from (see mark_silent_nodes_offline).
 SELECT id, name, address, api_port, version, status, epoch, started_at, last_heartbeat,
+       greatest(last_heartbeat, pg_postmaster_start_time()) AS silent_since,
        status_changed_at, status_reason, clock_skew_seconds, time_zone, now() AS db_now
 FROM nodes ORDER BY id;
 
@@ -526,12 +533,15 @@ SELECT id, at, actor, node, action, target, detail, source FROM audit_log
 ORDER BY id DESC LIMIT :limit;
 
 -- name: decommission_node
--- Only an Offline node (recorded so, or silent past the threshold) can be decommissioned.
+-- Only an Offline node (recorded so, or silent past the threshold, counted as in
+-- mark_silent_nodes_offline) can be decommissioned.
 UPDATE nodes SET status = 'decommissioned', status_changed_at = now(),
                  status_reason = 'decommissioned by ' || :actor
 WHERE name = :name
   AND (status IN ('offline', 'upgrade_required')
-       OR (status = 'online' AND last_heartbeat < now() - make_interval(secs => :threshold)))
+       OR (status = 'online'
+           AND greatest(last_heartbeat, pg_postmaster_start_time())
+               < now() - make_interval(secs => :threshold)))
 RETURNING id;
 
 -- name: record_clock

@@ -72,6 +72,8 @@ class Worker:
         self._stopping = False
         self._abandoned: list[tuple[int, int]] = []  # (job id, attempt) of jobs cancelled
         self._tx_slots = asyncio.Semaphore(config.transactional_concurrency)
+        # Held while a claim is out (committed or not, not yet back): drain waits for it.
+        self._claim_out = asyncio.Lock()
 
     # -- control --------------------------------------------------------------------------
 
@@ -135,12 +137,26 @@ class Worker:
             # Time limits count from before the claim: never later than the database's deadline.
             claimed_before = asyncio.get_running_loop().time()
             try:
-                jobs = await self.pool.claim(me.node_id, me.epoch, want)
+                async with self._claim_out:
+                    if not self.claiming:  # stopped or paused while this loop was not looking
+                        continue
+                    jobs = await self.pool.claim(me.node_id, me.epoch, want)
             except Exception as e:  # the database is away; membership decides what that means
                 log.warning("claim failed: %s", _short(e))
                 await asyncio.sleep(cfg.poll_interval)
                 continue
             metrics.CLAIM_SECONDS.observe(time.perf_counter() - started)
+            if not self.claiming:
+                # Paused (fenced) or stopping while the claim was out: its jobs are this node's
+                # now, but it may not start them; they join the abandoned jobs, released (no
+                # attempt spent) by drain or once the lease is renewed.
+                if jobs:
+                    log.warning(
+                        "%d jobs claimed just before this node stopped claiming: not started",
+                        len(jobs),
+                    )
+                self._abandoned += [(job.id, job.attempt) for job in jobs]
+                continue
             for job in jobs:
                 _child(metrics.QUEUE_WAIT_SECONDS, job.type).observe(max(0.0, job.waited_seconds))
                 task = asyncio.create_task(
@@ -308,10 +324,17 @@ class Worker:
 
     async def drain(self, grace_seconds: float) -> list[tuple[int, int]]:
         """Stops claiming, waits up to the grace period, cancels what still runs; returns the
-        (id, attempt) of jobs cut short (to be released back to the pool)."""
+        (id, attempt) of jobs cut short (to be released back to the pool), and of jobs a claim
+        that was out when the stop began brought back (not started).
+
+        A claim that is out is waited for (its statement is bounded by the engine's timeouts):
+        its jobs are claimed in the database, and returning without them would leave them to
+        the takeover after ``leave``, which spends an attempt."""
         self._stopping = True
         self.wake()
         self._slot_freed.set()
+        async with self._claim_out:
+            pass
         tasks = [t for _, t in self.running.values()]
         if tasks:
             log.info("waiting up to %g s for %d running jobs", grace_seconds, len(tasks))
