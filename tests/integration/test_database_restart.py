@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from dsm_node.cluster.membership import Membership
 from dsm_node.cluster.status import NodeStatus
 from dsm_node.db import migrating
+from dsm_node.db.queries import Q
 from dsm_node.db.engine import create_engine
 from dsm_node.embedded_pg import EmbeddedPostgres
 
@@ -111,5 +112,49 @@ async def test_a_node_still_silent_a_threshold_after_the_restart_is_offline(
         assert all(silent >= SILENT_BEFORE_RESTART for _, silent in swept.offline)
         shown = await membership.list_nodes(short)
         assert {n.status for n in shown} == {NodeStatus.OFFLINE}
+    finally:
+        await engine.dispose()
+
+
+async def agents_silent_across_a_restart(pg: EmbeddedPostgres, url: str) -> AsyncEngine:
+    """Two Online agents whose last heartbeats are older than their offline limit, then a restart."""
+    engine = create_engine(url, pool_size=2)
+    async with engine.begin() as conn:
+        await conn.execute(text("TRUNCATE agents CASCADE"))
+        await conn.execute(
+            text(
+                "INSERT INTO agents (hostname, status, cert_serial, cert_not_after, activated_on,"
+                " last_heartbeat) SELECT 'agent-' || i, 'online', i, now() + interval '1 day',"
+                " 'n1', now() - make_interval(secs => :s) FROM generate_series(1, 2) i"
+            ),
+            {"s": SILENT_BEFORE_RESTART},
+        )
+    await engine.dispose()
+    await asyncio.to_thread(pg.stop, "fast")
+    await asyncio.to_thread(pg.start)
+    return create_engine(url, pool_size=2)
+
+
+async def mark_silent_agents(engine: AsyncEngine, interval: float, missed: int) -> int:
+    async with engine.begin() as conn:
+        gone = await conn.execute(
+            Q.mark_silent_agents_offline, {"interval": interval, "missed": missed}
+        )
+        return int(gone.one().offline)
+
+
+async def test_a_restart_alone_makes_no_agent_offline(
+    own_postgres: EmbeddedPostgres, url: str
+) -> None:
+    """Agents cannot heartbeat while the database is down either: the same rule as for nodes."""
+    engine = await agents_silent_across_a_restart(own_postgres, url)
+    try:
+        assert await mark_silent_agents(engine, THRESHOLD / 2, 2) == 0
+        async with engine.connect() as conn:
+            rows = await conn.execute(text("SELECT status FROM agents"))
+            assert {r.status for r in rows} == {"online"}
+        # and once the server has been up for the limit, a still-silent agent is Offline
+        await asyncio.sleep(1.5)
+        assert await mark_silent_agents(engine, 0.5, 2) == 2
     finally:
         await engine.dispose()

@@ -722,7 +722,10 @@ ORDER BY e.seq LIMIT :limit;
 WITH gone AS (
     UPDATE agents SET status = 'offline', status_changed_at = now()
     WHERE status = 'online' AND :missed > 0
-      AND last_heartbeat < now() - make_interval(secs => :interval * :missed)
+      -- as for nodes: while the database was down no agent could heartbeat, so silence counts
+      -- from the last heartbeat or the server's start, whichever is later
+      AND greatest(last_heartbeat, pg_postmaster_start_time())
+          < now() - make_interval(secs => :interval * :missed)
     RETURNING id, hostname, last_heartbeat
 ), alerted AS (
     INSERT INTO agent_alerts (type, agent_id, message)
