@@ -19,8 +19,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from dsm_node.cluster.membership import Membership
 from dsm_node.cluster.status import NodeStatus
 from dsm_node.db import migrating
-from dsm_node.db.queries import Q
 from dsm_node.db.engine import create_engine
+from dsm_node.db.queries import Q
 from dsm_node.embedded_pg import EmbeddedPostgres
 
 pytestmark = pytest.mark.integration
@@ -117,7 +117,7 @@ async def test_a_node_still_silent_a_threshold_after_the_restart_is_offline(
 
 
 async def agents_silent_across_a_restart(pg: EmbeddedPostgres, url: str) -> AsyncEngine:
-    """Two Online agents whose last heartbeats are older than their offline limit, then a restart."""
+    """Two Online agents silent for longer than their offline limit, then a restart."""
     engine = create_engine(url, pool_size=2)
     async with engine.begin() as conn:
         await conn.execute(text("TRUNCATE agents CASCADE"))
