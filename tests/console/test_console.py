@@ -4,6 +4,7 @@ issue 13's scenarios, one test each (a failing scenario names itself)."""
 from __future__ import annotations
 
 import http.server
+import re
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from tests.console.helpers import (
     start_nodes,
     status_cell,
 )
+from tests.support import agents
 from tests.support.loopback import next_address
 from tests.support.nodes import REPO, Cluster, NodeProcess, query
 from tests.support.tcpproxy import Proxy
@@ -534,3 +536,62 @@ def test_usable_on_a_phone_and_by_keyboard_with_strict_headers(
     page.goto(origin + "/manager-nodes")
     shot(page, artifacts, "phone-manager-nodes", readme=True)
     assert outside == [], f"requests left the node: {outside}"
+
+
+def _agents_agree(page: Page, node: NodeProcess, status: str) -> None:
+    """The rows on the page (read in one go) are the agents ``GET /api/agents`` lists, with the
+    same status, last node and version, and their open alerts are the API's."""
+    rows = page.locator("#agents-table tbody tr[data-agent]")
+    shown = data(rows, "id", "agent", "status", "node", "version", "alerts")
+    code, body = node.request("GET", "/api/agents")
+    assert code == 200, body
+    assert {int(s["id"]): (s["agent"], s["status"], s["node"], s["version"]) for s in shown} == {
+        a["id"]: (a["hostname"], status, a["lastNode"], a["agentVersion"]) for a in body["agents"]
+    }
+    assert {a["status"] for a in body["agents"]} == {status}
+    code, body = node.request("GET", "/api/agents/alerts")
+    assert code == 200, body
+    alerts = page.locator("#agent-alerts-table tbody tr[data-alert]")
+    assert sorted((a["alert"], a["agent"]) for a in data(alerts, "alert", "agent")) == sorted(
+        (a["type"], a["hostname"]) for a in body["alerts"]
+    )
+
+
+def test_agents_show_their_status_and_agree_with_the_api(
+    dsm_cluster: Cluster, page: Page, artifacts: Path, tmp_path: Path
+) -> None:
+    # agents heartbeat every second and are Offline after two missed heartbeats
+    agents.agent_settings(dsm_cluster.database_url, interval=1, missed=2)
+    (one,) = start_nodes(dsm_cluster, ["node-1"])  # serves the console, not agents
+    two = agents.start_node(dsm_cluster, "node-2", DSM_ADMIN_PASSWORD=ADMIN_PASSWORD)
+    agents.wait_serving(two)
+    sign_in(page, one.url)
+    nav(page, "Agents").click()
+    expect(page.get_by_role("heading", level=1, name="Agents")).to_be_visible()
+    rows = page.locator("#agents-table tbody tr[data-agent]")
+    expect(rows).to_have_count(0)
+    page.evaluate("window.notReloaded = true")
+
+    secret, pin = agents.token(two, uses=3)
+    sim = agents.Simulator([agents.manager_of(two)], 3, 1.0, 0, tmp_path / "agents", secret, pin)
+    sim.start()
+    try:
+        # they appear without a reload, Online, heard by node-2 (the page is node-1's)
+        online = page.locator('#agents-table tbody tr[data-status="Online"][data-node="node-2"]')
+        expect(online).to_have_count(3)
+        assert served_by(page) == "node-1"
+        _agents_agree(page, one, "Online")
+        expect(page.locator('#agents-table [data-count="Online"] .n')).to_have_text("3")
+        # a live heartbeat: an age by the database's clock, and a measured clock
+        first = rows.first
+        expect(first).to_contain_text(re.compile(r"just now| s ago"))
+        expect(first).to_contain_text(re.compile(r"the database"))
+        shot(page, artifacts, "agents", readme=True)
+    finally:
+        sim.kill()
+    # the agents fall silent: Offline after two missed heartbeats, each with an open alert
+    offline = page.locator('#agents-table tbody tr[data-status="Offline"][data-alerts="1"]')
+    expect(offline).to_have_count(3)
+    expect(page.locator("#agent-alerts-table tbody tr[data-alert]")).to_have_count(3)
+    _agents_agree(page, one, "Offline")
+    assert page.evaluate("window.notReloaded === true"), "the page was reloaded"
