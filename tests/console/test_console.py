@@ -4,6 +4,7 @@ issue 13's scenarios, one test each (a failing scenario names itself)."""
 from __future__ import annotations
 
 import http.server
+import re
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from tests.console.helpers import (
     start_nodes,
     status_cell,
 )
+from tests.support import agents
 from tests.support.loopback import next_address
 from tests.support.nodes import REPO, Cluster, NodeProcess, query
 from tests.support.tcpproxy import Proxy
@@ -534,3 +536,93 @@ def test_usable_on_a_phone_and_by_keyboard_with_strict_headers(
     page.goto(origin + "/manager-nodes")
     shot(page, artifacts, "phone-manager-nodes", readme=True)
     assert outside == [], f"requests left the node: {outside}"
+
+
+def _agents_agree(page: Page, node: NodeProcess, status: str) -> None:
+    """Waits until the rows on the page (read in one go) are the agents ``GET /api/agents``
+    lists, all with ``status``, with the same last node and version, and the open agent alerts
+    are ``GET /api/agents/alerts``'s; the API's answers unchanged around the page read (an agent
+    may change status at any moment). Judged by behaviour: the page refreshes itself and must
+    catch up; a failure names the last difference."""
+    last: list[str] = []
+
+    def api() -> tuple[dict[int, tuple[str, str, str, str]], list[tuple[str, str]]]:
+        code, agents_body = node.request("GET", "/api/agents")
+        assert code == 200, agents_body
+        code, alerts_body = node.request("GET", "/api/agents/alerts")
+        assert code == 200, alerts_body
+        listed = {
+            a["id"]: (a["hostname"], a["status"], a["lastNode"] or "", a["version"] or "")
+            for a in agents_body["agents"]
+        }
+        return listed, sorted((a["type"], a["hostname"]) for a in alerts_body["alerts"])
+
+    def attempt() -> bool:
+        before = api()
+        rows = data(
+            page.locator("#agents-table tbody tr[data-agent]"),
+            "id",
+            "agent",
+            "status",
+            "node",
+            "version",
+        )
+        alerts = data(page.locator("#agent-alerts-table tbody tr[data-alert]"), "alert", "agent")
+        after = api()
+        if before != after:
+            return False
+        listed, open_alerts = after
+        try:
+            assert {
+                int(r["id"]): (r["agent"], r["status"], r["node"], r["version"]) for r in rows
+            } == listed
+            assert sorted((a["alert"], a["agent"]) for a in alerts) == open_alerts
+            assert {v[1] for v in listed.values()} == {status}, listed
+        except AssertionError as e:
+            last[:] = [f"last difference: {e}"]
+            return False
+        return True
+
+    wait_until(
+        attempt, 60, f"the Agents page to agree with the API ({status})", lambda: "".join(last)
+    )
+
+
+def test_agents_show_their_status_and_agree_with_the_api(
+    dsm_cluster: Cluster, page: Page, artifacts: Path, tmp_path: Path
+) -> None:
+    # agents heartbeat every second and are Offline after three missed heartbeats
+    agents.agent_settings(dsm_cluster.database_url, interval=1, missed=3)
+    (one,) = start_nodes(dsm_cluster, ["node-1"])  # serves the console, not agents
+    two = agents.start_node(dsm_cluster, "node-2", DSM_ADMIN_PASSWORD=ADMIN_PASSWORD)
+    agents.wait_serving(two)
+    sign_in(page, one.url)
+    nav(page, "Agents").click()
+    expect(page.get_by_role("heading", level=1, name="Agents")).to_be_visible()
+    rows = page.locator("#agents-table tbody tr[data-agent]")
+    expect(rows).to_have_count(0)
+    page.evaluate("window.notReloaded = true")
+
+    secret, pin = agents.token(two, uses=3)
+    sim = agents.Simulator([agents.manager_of(two)], 3, 1.0, 0, tmp_path / "agents", secret, pin)
+    sim.start()
+    try:
+        # they appear without a reload, Online, heard by node-2 (the page is node-1's)
+        online = page.locator('#agents-table tbody tr[data-status="Online"][data-node="node-2"]')
+        expect(online).to_have_count(3)
+        assert served_by(page) == "node-1"
+        _agents_agree(page, one, "Online")
+        expect(page.locator('#agents-region [data-count="Online"] .n')).to_have_text("3")
+        # a live heartbeat: an age by the database's clock, and a measured clock
+        first = rows.first
+        expect(first).to_contain_text(re.compile(r"just now| s ago"))
+        expect(first).to_contain_text(re.compile(r"the database"))
+        shot(page, artifacts, "agents", readme=True)
+    finally:
+        sim.kill()
+    # the agents fall silent: Offline after three missed heartbeats, each with an open alert
+    offline = page.locator('#agents-table tbody tr[data-status="Offline"][data-alerts="1"]')
+    expect(offline).to_have_count(3)
+    expect(page.locator("#agent-alerts-table tbody tr[data-alert]")).to_have_count(3)
+    _agents_agree(page, one, "Offline")
+    assert page.evaluate("window.notReloaded === true"), "the page was reloaded"

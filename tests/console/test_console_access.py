@@ -259,6 +259,28 @@ def test_pages_escape_what_they_show(setup: Setup) -> None:
     assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in r.body
 
 
+def test_the_agents_page_escapes_what_agents_report(setup: Setup) -> None:
+    """An agent chooses its host name, status message and version: all shown as text."""
+    from tests.support.nodes import query
+
+    hostile = '<img src=x onerror="alert(1)">'
+    query(
+        setup.node.database_url,
+        "WITH a AS (INSERT INTO agents (hostname, status, cert_serial, cert_not_after,"
+        " activated_on, last_heartbeat, heartbeats, status_message, agent_version,"
+        " clock_skew_seconds) VALUES (%s, 'online', 424242, now() + interval '1 day', %s, now(),"
+        " 1, %s, %s, 0.2) RETURNING id) "
+        "INSERT INTO agent_alerts (type, agent_id, message) SELECT %s, id, %s FROM a",
+        (hostile, NODE, hostile, hostile, hostile, hostile),
+    )
+    r = setup.call("GET", "/agents", setup.session("auditor"))
+    assert r.status == 200, r.body
+    assert "<img" not in r.body
+    # host name (twice: the row and the alert), message, version, alert type (twice), details
+    assert r.body.count("&lt;img src=x onerror=&#34;alert(1)&#34;&gt;") >= 7
+    assert "0.2 s ahead of the database" in r.body
+
+
 def test_static_assets_are_revalidated_by_etag(setup: Setup) -> None:
     r = setup.call("GET", "/static/console.js", None)
     assert r.status == 200 and r.headers["content-type"].startswith("text/javascript")

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import re
+import types
 
 import pytest
 
+from dsm_node import roles
+from dsm_node.agents.store import AgentAlert, AgentRecord, AgentStatus
+from dsm_node.api import agents as api_agents
+from dsm_node.api import views as api_views
 from dsm_node.cluster.membership import NodeRecord
 from dsm_node.cluster.status import NodeStatus, StoredStatus
 from dsm_node.console import pages, security, views
@@ -233,3 +239,124 @@ def test_templates_have_no_inline_script_or_style() -> None:
         ), template
         assert " style=" not in source and "<style" not in source, template
         assert not re.search(r"\son[a-z]+\s*=", source), f"{template}: an inline event handler"
+
+
+# -- agents -----------------------------------------------------------------------------------
+
+
+def agent(
+    agent_id: int,
+    status: AgentStatus,
+    seconds: float | None,
+    skew: float | None = None,
+    node: str | None = "node-1",
+) -> AgentRecord:
+    return AgentRecord(
+        id=agent_id,
+        hostname=f"host-{agent_id}",
+        status=status,
+        status_changed_at=T0,
+        activated_at=T0,
+        activated_on="node-1",
+        last_heartbeat=None if seconds is None else T0,
+        seconds_since_heartbeat=seconds,
+        last_node=None if seconds is None else node,
+        heartbeats=0 if seconds is None else 7,
+        acked_seq=0,
+        agent_status=None,
+        status_message=None,
+        agent_version="1.2.3",
+        clock_skew_seconds=skew,
+        config_fingerprint=None,
+        counters=None,
+        cert_not_after=T0,
+        deactivated_at=None,
+    )
+
+
+def agent_alert(alert_id: int, agent_id: int, type_: str, cleared: bool = False) -> AgentAlert:
+    return AgentAlert(
+        alert_id, type_, agent_id, f"host-{agent_id}", "silent", T0, T0 if cleared else None
+    )
+
+
+def test_every_agent_status_has_the_apis_words_an_icon_and_a_tone() -> None:
+    for status in AgentStatus:
+        v = views.agent_status_view(status)
+        assert v.text == api_views.agent_status(status)  # the page and the API agree
+        assert v.icon in views.ICON_PATHS and v.tone in views.TONE_COLOURS
+
+
+def test_agent_rows_age_skew_and_open_alerts() -> None:
+    rows = views.agent_rows(
+        [
+            agent(1, AgentStatus.ONLINE, 2.4, skew=-1.25),
+            agent(2, AgentStatus.OFFLINE, 125.0, skew=0.01),
+            agent(3, AgentStatus.ACTIVATED, None),
+        ],
+        [
+            agent_alert(10, 2, "Offline"),
+            agent_alert(11, 2, "Agent Clock Skew"),
+            agent_alert(12, 1, "Offline", cleared=True),  # cleared: not shown
+        ],
+    )
+    assert [(r.status.text, r.heartbeat_age, r.skew, r.alerts) for r in rows] == [
+        ("Online", "2 s ago", "1.2 s behind the database", []),
+        ("Offline", "2 min 5 s ago", "in step with the database", ["Agent Clock Skew", "Offline"]),
+        ("Activated", "never", "", []),  # no heartbeat: neither an age nor a skew yet
+    ]
+    assert rows[0].agent.last_node == "node-1" and rows[2].agent.last_node is None
+
+
+def test_agent_counts_keep_a_fixed_order() -> None:
+    assert views.agent_counts({}) == [("Online", 0), ("Offline", 0)]
+    assert views.agent_counts(
+        {AgentStatus.DEACTIVATED: 1, AgentStatus.OFFLINE: 2, AgentStatus.ONLINE: 3}
+    ) == [("Online", 3), ("Offline", 2), ("Deactivated", 1)]
+
+
+def test_offline_after_text() -> None:
+    assert views.offline_after_text(60, 3) == "3 missed heartbeats (every 60 s)"
+    assert views.offline_after_text(0.5, 1) == "1 missed heartbeat (every 0.5 s)"
+
+
+def test_the_agents_page_needs_the_role_the_apis_agent_list_needs() -> None:
+    (page,) = [r for r in pages.ROUTES if r.path == "/agents"]
+    (api,) = [r for r in api_agents.ROUTES if (r.method, r.path) == ("GET", "/api/agents")]
+    assert page.role == api.role == roles.AUDITOR
+
+
+def test_agent_strings_are_escaped_on_the_page() -> None:
+    hostile = '<img src=x onerror="alert(1)">'
+    a = dataclasses.replace(
+        agent(1, AgentStatus.ONLINE, 1.0),
+        hostname=hostile,
+        status_message=hostile,
+        agent_version=hostile,
+        last_node=hostile,
+    )
+    al = dataclasses.replace(agent_alert(1, 1, hostile), hostname=hostile, message=hostile)
+    html = (
+        pages.environment()
+        .get_template("agents.html")
+        .render(
+            user=types.SimpleNamespace(name="audrey", role="auditor"),
+            csrf="",
+            node_name="n",
+            node_version="",
+            refresh_seconds="1",
+            live=True,
+            page="agents",
+            open_alerts=0,
+            db_time="",
+            title="Agents",
+            rows=views.agent_rows([a], [al]),
+            counts=views.agent_counts({AgentStatus.ONLINE: 1}),
+            total=1,
+            limit=1000,
+            offline_after=views.offline_after_text(60, 3),
+            alerts=[views.agent_alert_row(al)],
+        )
+    )
+    assert "<img" not in html
+    assert html.count("&lt;img src=x onerror=&#34;alert(1)&#34;&gt;") >= 8

@@ -18,6 +18,7 @@ from markupsafe import Markup
 
 from dsm_node import __version__, auth, roles
 from dsm_node.api import admin, inputs, paths
+from dsm_node.api import agents as agents_api
 from dsm_node.api.common import (
     KIB,
     NODE_KEY,
@@ -39,6 +40,7 @@ SESSION_TOKEN_KEY = "dsm.console.session"
 SIGN_IN_BODY = 4 * KIB
 FORM_BODY = 2 * KIB  # forms other than sign-in carry a token and nothing much else
 AUDIT_ROWS = 200
+AGENT_ROWS = 1000  # the API's default page of GET /api/agents
 MIN_REFRESH_SECONDS, MAX_REFRESH_SECONDS = 1.0, 10.0
 
 
@@ -453,12 +455,34 @@ async def audit_log(request: web.Request) -> web.Response:
 
 
 async def agents(request: web.Request) -> web.Response:
-    # PLACE FOR AGENTS: the agents work (issue 11) had not landed when the console was built;
-    # list the agents and their status here once it has.
-    return await render(request, "agents.html", title="Agents", page="agents")
+    services = ready(request)
+    settings = services.settings.current()
+    listed = await reading.agents(services, AGENT_ROWS)
+    open_alerts = await reading.open_agent_alerts(services, AGENT_ROWS)
+    counts = await reading.agent_status_counts(services)
+    return await render(
+        request,
+        "agents.html",
+        title="Agents",
+        page="agents",
+        live=True,
+        rows=views.agent_rows(listed, open_alerts),
+        counts=views.agent_counts(counts),
+        total=sum(counts.values()),
+        limit=AGENT_ROWS,
+        offline_after=views.offline_after_text(
+            settings.agent_heartbeat_interval_seconds, settings.agent_missed_heartbeats_offline
+        ),
+        alerts=[views.agent_alert_row(a) for a in open_alerts],
+    )
 
 
 ADMIN, AUDITOR = roles.ADMINISTRATOR, roles.AUDITOR
+
+
+def _api_role(method: str, path: str) -> str | None:
+    (route,) = [r for r in agents_api.ROUTES if (r.method, r.path) == (method, path)]
+    return route.role
 
 
 def _page(method: str, path: str, handler: Any, role: str | None, max_body: int = 0) -> Route:
@@ -478,5 +502,6 @@ ROUTES = [
     _page("GET", paths.CONSOLE_SYSTEM_INFORMATION, system_information, AUDITOR),
     _page("GET", paths.CONSOLE_ALERTS, alerts, AUDITOR),
     _page("GET", paths.CONSOLE_AUDIT_LOG, audit_log, AUDITOR),
-    _page("GET", paths.CONSOLE_AGENTS, agents, AUDITOR),
+    # whoever may list agents through the API may see this page, and no one else
+    _page("GET", paths.CONSOLE_AGENTS, agents, _api_role("GET", agents_api.API_AGENTS)),
 ]

@@ -1,11 +1,12 @@
 """What the console's pages read, through the API's own database gateways (``common.Services``,
 on the API's thread and event loop): the same typed records the JSON API reads, so a page and
 ``GET /api/...`` always agree. No SQL here: every statement lives in ``db/queries.sql`` behind
-the gateways (``Membership``, ``JobPool``, ``auth``)."""
+the gateways (``Membership``, ``JobPool``, ``auth``, ``AgentStore``)."""
 
 from __future__ import annotations
 
 from dsm_node import auth
+from dsm_node.agents.store import AgentAlert, AgentRecord, AgentStatus, AgentStore
 from dsm_node.api.common import Services
 from dsm_node.cluster.membership import NodeRecord
 from dsm_node.console import views
@@ -45,3 +46,15 @@ async def audit(services: Services, limit: int) -> list[views.AuditRow]:
 
 async def database_time(services: Services) -> str:
     return views.format_time(await services.membership.database_now())
+
+
+async def agents(services: Services, limit: int) -> list[AgentRecord]:
+    return await AgentStore(services.engine).list_agents(limit=limit)
+
+
+async def agent_status_counts(services: Services) -> dict[AgentStatus, int]:
+    return await AgentStore(services.engine).status_counts()
+
+
+async def open_agent_alerts(services: Services, limit: int) -> list[AgentAlert]:
+    return await AgentStore(services.engine).alerts(include_cleared=False, limit=limit)

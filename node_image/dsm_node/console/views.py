@@ -15,6 +15,7 @@ from typing import Any
 
 from markupsafe import Markup
 
+from dsm_node.agents.store import AgentAlert, AgentRecord, AgentStatus
 from dsm_node.auth import AuditEntry
 from dsm_node.cluster.membership import AlertRecord, NodeRecord
 from dsm_node.cluster.status import NodeStatus
@@ -283,3 +284,86 @@ def audit_detail(detail: Any) -> str:
         except ValueError:
             return str(detail)
     return json.dumps(detail, separators=(", ", ": "), sort_keys=True, ensure_ascii=False)
+
+
+# -- agents -----------------------------------------------------------------------------------
+
+# The words are the API's (``GET /api/agents`` reports "Online", "Offline", ...), so the page and
+# the API agree word for word.
+_AGENT_VIEWS = {
+    AgentStatus.ONLINE: StatusView("Online", "online", "ok"),
+    AgentStatus.OFFLINE: StatusView("Offline", "offline", "bad"),
+    # activated, no heartbeat yet: waiting for its first contact
+    AgentStatus.ACTIVATED: StatusView("Activated", "upgrade", "warn"),
+    AgentStatus.DEACTIVATED: StatusView("Deactivated", "decommissioned", "muted"),
+}
+AGENT_STATUS_ORDER = [
+    AgentStatus.ONLINE,
+    AgentStatus.OFFLINE,
+    AgentStatus.ACTIVATED,
+    AgentStatus.DEACTIVATED,
+]
+
+
+def agent_status_view(status: AgentStatus) -> StatusView:
+    return _AGENT_VIEWS[status]
+
+
+@dataclass(frozen=True)
+class AgentRow:
+    """A line of the Agents table."""
+
+    agent: AgentRecord
+    status: StatusView
+    heartbeat_age: str  # by the database's clock; "never" before the first heartbeat
+    skew: str
+    alerts: list[str]  # the types of its open agent alerts
+
+
+def agent_rows(agents: Sequence[AgentRecord], open_alerts: Sequence[AgentAlert]) -> list[AgentRow]:
+    by_agent: dict[int, list[str]] = {}
+    for a in open_alerts:
+        if a.cleared_at is None:
+            by_agent.setdefault(a.agent_id, []).append(a.type)
+    return [
+        AgentRow(
+            a,
+            agent_status_view(a.status),
+            "never" if a.seconds_since_heartbeat is None else age_text(a.seconds_since_heartbeat),
+            "" if a.last_heartbeat is None else skew_text(a.clock_skew_seconds),
+            sorted(by_agent.get(a.id, [])),
+        )
+        for a in agents
+    ]
+
+
+def agent_counts(counts: Mapping[AgentStatus, int]) -> list[tuple[str, int]]:
+    """Agents by status in a fixed order (Online and Offline always, the others when present)."""
+    out = []
+    for status in AGENT_STATUS_ORDER:
+        n = counts.get(status, 0)
+        if n or status in (AgentStatus.ONLINE, AgentStatus.OFFLINE):
+            out.append((agent_status_view(status).text, n))
+    return out
+
+
+@dataclass(frozen=True)
+class AgentAlertRow:
+    type: str
+    agent_id: int
+    hostname: str
+    message: str
+    raised_at: str
+    view: StatusView
+
+
+def agent_alert_row(a: AgentAlert) -> AgentAlertRow:
+    # open alerts only: always the "bad" tone, the alert's type as the words
+    view = StatusView(a.type, "offline", "bad")
+    return AgentAlertRow(a.type, a.agent_id, a.hostname, a.message, format_time(a.raised_at), view)
+
+
+def offline_after_text(interval_seconds: float, missed: int) -> str:
+    """'3 missed heartbeats (every 60 s)': when an agent turns Offline."""
+    noun = "heartbeat" if missed == 1 else "heartbeats"
+    return f"{missed} missed {noun} (every {interval_seconds:g} s)"
