@@ -96,6 +96,7 @@ def _foreign_statefulset(api: Api, name: str) -> None:
 # (kind, child name of resource "mgr", audit resource, how the user made it)
 FOREIGN = [
     ("Service", "mgr-lb", "services", _foreign_service),
+    ("Service", "mgr-agents", "services", _foreign_service),
     ("Service", "mgr-nodes", "services", _foreign_service),
     ("ServiceAccount", "mgr-node", "serviceaccounts", _foreign_service_account),
     ("PodDisruptionBudget", "mgr", "poddisruptionbudgets", _foreign_pdb),
@@ -189,7 +190,8 @@ def test_switching_a_child_off_deletes_only_what_is_ours(
     api: Api, operator_env: int, k8s_namespace: str, k8s_workloads: Any
 ) -> None:
     """``podDisruptionBudget.enabled: false`` and ``loadBalancer.enabled: false`` delete the
-    operator's own PDB and Service -- never a user's object of the same name."""
+    operator's own PDB and its two load balancer Services (console and agents) -- never a user's
+    object of the same name."""
     api.secrets()
     api.create(manager_body(nodes=1))
     with running_operator(k8s_namespace):
@@ -200,18 +202,17 @@ def test_switching_a_child_off_deletes_only_what_is_ours(
         wait_until(
             lambda: (
                 not api.policy.list_namespaced_pod_disruption_budget(k8s_namespace).items
-                and "mgr-lb"
-                not in {
-                    s.metadata.name for s in api.core.list_namespaced_service(k8s_namespace).items
-                }
+                and not {"mgr-lb", "mgr-agents"}
+                & {s.metadata.name for s in api.core.list_namespaced_service(k8s_namespace).items}
             ),
             60,
-            "the operator's PDB and load balancer Service deleted",
+            "the operator's PDB and load balancer Services deleted",
         )
-        assert [r for r, _ in api.events()].count("ChildDeleted") == 2
+        assert [r for r, _ in api.events()].count("ChildDeleted") == 3
         # Now the names are free and a user takes them: they stay.
         _foreign_pdb(api, "mgr")
         _foreign_service(api, "mgr-lb")
+        _foreign_service(api, "mgr-agents")
         api.patch_spec({"podAnnotations": {"example.com/touch": "1"}})  # a few more passes
         wait_until(
             lambda: api.ready(1) and api.get()["status"]["observedGeneration"] == 3,
@@ -228,14 +229,19 @@ def test_switching_a_child_off_deletes_only_what_is_ours(
             )
     _read(api, "PodDisruptionBudget", "mgr")
     _read(api, "Service", "mgr-lb")
-    assert [r for r, _ in api.events()].count("ChildDeleted") == 2
+    _read(api, "Service", "mgr-agents")
+    assert [r for r, _ in api.events()].count("ChildDeleted") == 3
     deletes = [
         r
-        for resource, name in (("poddisruptionbudgets", "mgr"), ("services", "mgr-lb"))
+        for resource, name in (
+            ("poddisruptionbudgets", "mgr"),
+            ("services", "mgr-lb"),
+            ("services", "mgr-agents"),
+        )
         for r in _operator_writes(k8s_workloads, k8s_namespace, resource, name)
         if r.verb == "delete"
     ]
-    assert len(deletes) == 2, deletes  # the two deletions of its own objects, no more
+    assert len(deletes) == 3, deletes  # the three deletions of its own objects, no more
 
 
 @pytest.fixture
