@@ -317,30 +317,10 @@ def load_balancer_service(spec: ManagerSpec, owner: Owner) -> Manifest | None:
     A plain TCP Service never terminates TLS and keeps every connection on the endpoint it was
     first sent to; only Ready nodes (Online, schema compatible) receive connections.
     """
-    lb = spec.load_balancer
-    if not lb.enabled:
-        return None
-    service_spec: dict[str, Any] = {
-        "type": lb.service_type,
-        "selector": names.selector_labels(owner.name),
-        "sessionAffinity": "None",
-        "ports": [
-            {
-                "name": names.NODE_API_PORT_NAME,
-                "port": lb.port,
-                "targetPort": names.NODE_API_PORT_NAME,
-                "protocol": "TCP",
-            }
-        ],
-    }
-    if lb.service_type != "ClusterIP":
-        service_spec["externalTrafficPolicy"] = lb.external_traffic_policy
-    if lb.service_type == "LoadBalancer" and lb.source_ranges:
-        service_spec["loadBalancerSourceRanges"] = list(lb.source_ranges)
-    metadata = _metadata(owner, names.load_balancer_service_name(owner.name), "load-balancer")
-    if lb.annotations:
-        metadata["annotations"] = dict(lb.annotations)
-    return {"apiVersion": "v1", "kind": "Service", "metadata": metadata, "spec": service_spec}
+    return _passthrough_service(
+        spec, owner, names.load_balancer_service_name(owner.name), "load-balancer",
+        names.NODE_API_PORT_NAME,
+    )  # fmt: skip
 
 
 def agent_load_balancer_service(spec: ManagerSpec, owner: Owner) -> Manifest | None:
@@ -348,6 +328,17 @@ def agent_load_balancer_service(spec: ManagerSpec, owner: Owner) -> Manifest | N
     through to the nodes' heartbeat port (4120), beside the console's (443 -> 4119). Agents
     authenticate with client certificates, so TLS must reach the node: no termination, and each
     heartbeat's connection stays on one node."""
+    return _passthrough_service(
+        spec, owner, names.agent_load_balancer_service_name(owner.name), "agent-load-balancer",
+        names.NODE_HEARTBEAT_PORT_NAME,
+    )  # fmt: skip
+
+
+def _passthrough_service(
+    spec: ManagerSpec, owner: Owner, name: str, component: str, target_port: str
+) -> Manifest | None:
+    """A Service publishing ``loadBalancer.port`` as plain TCP to the nodes' ``target_port``:
+    both load balancers (console and agents) are this shape, one port each."""
     lb = spec.load_balancer
     if not lb.enabled:
         return None
@@ -356,21 +347,14 @@ def agent_load_balancer_service(spec: ManagerSpec, owner: Owner) -> Manifest | N
         "selector": names.selector_labels(owner.name),
         "sessionAffinity": "None",
         "ports": [
-            {
-                "name": names.NODE_HEARTBEAT_PORT_NAME,
-                "port": lb.port,
-                "targetPort": names.NODE_HEARTBEAT_PORT_NAME,
-                "protocol": "TCP",
-            }
+            {"name": target_port, "port": lb.port, "targetPort": target_port, "protocol": "TCP"}
         ],
     }
     if lb.service_type != "ClusterIP":
         service_spec["externalTrafficPolicy"] = lb.external_traffic_policy
     if lb.service_type == "LoadBalancer" and lb.source_ranges:
         service_spec["loadBalancerSourceRanges"] = list(lb.source_ranges)
-    metadata = _metadata(
-        owner, names.agent_load_balancer_service_name(owner.name), "agent-load-balancer"
-    )
+    metadata = _metadata(owner, name, component)
     if lb.annotations:
         metadata["annotations"] = dict(lb.annotations)
     return {"apiVersion": "v1", "kind": "Service", "metadata": metadata, "spec": service_spec}
