@@ -44,6 +44,12 @@ log = logging.getLogger("dsm.agents")
 REFUSALS = logs.LogBudget(log)
 MAX_HEAD = 8192
 REFRESH_SECONDS = 1.0
+# An answer sent before the body has arrived (413, 431, 400 on the head, 408) is followed by a
+# lingering close, as RFC 9112 section 9.6 asks: closing a socket with unread bytes makes the kernel
+# send a reset, which destroys the answer in the client's receive queue. The bytes still arriving
+# are read and dropped until the announced body is complete, the client closes, or either bound.
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 4 * 1024 * 1024
 
 HEARTBEATS = Counter(
     "dsm_agent_heartbeats",
@@ -132,15 +138,26 @@ Handler = Callable[[Request], Awaitable[Answer]]
 class ChannelProtocol(asyncio.Protocol):
     """One connection: a request head, maybe a body, one answer, then close."""
 
-    def __init__(self, handle: Handler, head_timeout: float, body_timeout: float) -> None:
+    def __init__(
+        self,
+        handle: Handler,
+        head_timeout: float,
+        body_timeout: float,
+        linger: float = LINGER_SECONDS,
+        linger_bytes: int = LINGER_BYTES,
+    ) -> None:
         self._handle = handle
         self._head_timeout, self._body_timeout = head_timeout, body_timeout
+        self._linger, self._linger_bytes = linger, linger_bytes
         self._buf = bytearray()
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._want: int | None = None  # body length, once the head is parsed
+        self._head_done = False
+        self._announced: int | None = None  # Content-Length, even when refused as too large
         self._method = self._path = ""
         self._done = False
+        self._linger_left = 0  # bytes still dropped before closing; > 0 only while lingering
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -170,6 +187,12 @@ class ChannelProtocol(asyncio.Protocol):
             self._transport.abort()
 
     def data_received(self, data: bytes) -> None:
+        if self._linger_left > 0:
+            self._linger_left -= len(data)
+            if self._linger_left <= 0 and self._transport is not None:
+                self._disarm()
+                self._transport.close()
+            return
         if self._done:
             return
         self._buf += data
@@ -184,6 +207,7 @@ class ChannelProtocol(asyncio.Protocol):
                 return
             head = bytes(self._buf[:end])
             del self._buf[: end + 4]
+            self._head_done = True
             try:
                 self._want = self._parse_head(head)
             except ProtocolError as e:
@@ -240,7 +264,7 @@ class ChannelProtocol(asyncio.Protocol):
             return 0
         if not raw_length.isdigit() or not raw_length.isascii() or len(raw_length) > 12:
             raise ProtocolError(400, "malformed_http", "Content-Length is not a number")
-        length = int(raw_length)
+        length = self._announced = int(raw_length)
         if length > route[1]:
             raise ProtocolError(
                 413, "too_large", f"the body exceeds {route[1]} bytes for {self._path}"
@@ -282,9 +306,23 @@ class ChannelProtocol(asyncio.Protocol):
     def _answer(self, answer: Answer) -> None:
         self._done = True
         self._disarm()
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(answer.encode())
+        if self._transport is None or self._transport.is_closing():
+            return
+        self._transport.write(answer.encode())
+        unread = self._unread()
+        if unread <= 0:
             self._transport.close()
+            return
+        self._linger_left = unread
+        self._buf.clear()
+        self._timer = asyncio.get_running_loop().call_later(self._linger, self._transport.close)
+
+    def _unread(self) -> int:
+        """Bytes the client may still send: the rest of its head (as many as the linger allows)
+        or of the body it announced (``_buf`` holds the body's bytes once the head is parsed)."""
+        if not self._head_done:
+            return self._linger_bytes
+        return min((self._announced or 0) - len(self._buf), self._linger_bytes)
 
 
 class Host(Protocol):
