@@ -57,6 +57,8 @@ HEARTBEATS = Counter(
     ["outcome"],
     registry=metrics.REGISTRY,
 )
+for _outcome in ("accepted", "refused"):  # at 0 from the start, so rate() sees the first one
+    HEARTBEATS.labels(_outcome)
 EVENTS_STORED = Counter(
     "dsm_agent_events_stored", "Agent events stored by this node", registry=metrics.REGISTRY
 )
