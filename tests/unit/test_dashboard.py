@@ -10,9 +10,12 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+import dsm_node.agents.channel  # noqa: F401  (registers the agent metrics, as the node does)
 from dsm_node import metrics
 
 DASHBOARD = Path(__file__).parents[2] / "monitoring" / "grafana-dashboard.json"
+MONITORING_README = DASHBOARD.parent / "README.md"
+COUNT_HISTOGRAMS = {"dsm_agent_batch_heartbeats"}  # a histogram of how many, not of how long
 SUFFIXES = {
     "counter": ("_total",),
     "gauge": ("",),
@@ -85,10 +88,22 @@ def test_node_metrics_follow_the_conventions() -> None:
     assert "python_gc_objects_collected_total" in scrape
     for name, family in dsm.items():
         if family.type == "histogram":
-            assert name.endswith("_seconds"), name  # every histogram here measures time
-        if family.type == "gauge" and ("age" in name or "skew" in name or "threshold" in name):
+            assert name.endswith("_seconds") or name in COUNT_HISTOGRAMS, name
+        if family.type == "gauge" and {"age", "skew", "threshold"} & set(name.split("_")):
             assert name.endswith("_seconds"), name
     assert {n for n, f in dsm.items() if f.type == "counter"} >= {"dsm_jobs", "dsm_takeovers"}
+    assert 'dsm_agent_heartbeats_total{outcome="refused"} 0.0' in scrape  # at 0 from start
+
+
+def test_every_node_metric_is_documented() -> None:
+    documented = set(re.findall(r"`(dsm_[a-z_]+)", MONITORING_README.read_text()))
+    exported = {
+        f.name + ("_total" if f.type == "counter" else "")
+        for f in metrics.REGISTRY.collect()
+        if f.name.startswith("dsm_")
+    }
+    assert len(exported) > 15
+    assert not exported - documented, "metrics missing from monitoring/README.md"
 
 
 def test_panels_have_unique_ids_and_titles() -> None:
