@@ -7,7 +7,8 @@ hit it from outside by timing a signal. Instead the node's code names a few such
 
 - ``completion``: a completion statement has deleted the finished job rows, before the commit;
 - ``heartbeat``: the heartbeat has updated this node's row, before the commit;
-- ``sweep``: a sweep statement has updated peers' rows, before the commit.
+- ``sweep``: a sweep statement has updated peers' rows, before the commit;
+- ``startup``: the node has registered itself Online and not yet built its services.
 
 Nothing happens unless the node was started with ``DSM_TEST_FAULT_FILE`` set (one comparison per
 call otherwise). With it, a test writes point names into that file (for example

@@ -31,7 +31,7 @@ import sqlalchemy.exc
 from psycopg.conninfo import make_conninfo
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from dsm_node import crypto, metrics
+from dsm_node import crypto, faults, metrics
 from dsm_node.agents import watching  # noqa: F401  (registers the agent job types)
 from dsm_node.caches import Caches
 from dsm_node.cluster import joining, lease, sweeping
@@ -122,6 +122,7 @@ class Node:
         )
         self._engines: Engines | None = None
         self._running: Running | None = None
+        self._membership: Membership | None = None  # once registered
         self._tasks: list[asyncio.Task[Any]] = []
 
     # -- what probes and the API read (services.NodeState) ----------------------------------
@@ -218,7 +219,8 @@ class Node:
         except (OSError, psycopg.OperationalError, sqlalchemy.exc.OperationalError) as e:
             raise StartupError(f"cannot reach the database: {_first_line(e)}") from None
         self.lease.registered(joined.identity)
-        membership = Membership(engines.membership, engines.heartbeat)
+        membership = self._membership = Membership(engines.membership, engines.heartbeat)
+        await faults.point("startup")  # registered Online, services not built yet
         await self.live.refresh(engines.membership)
         log.info(
             "schema version %d, cluster version %s; heartbeat %g s, offline threshold %g s",
@@ -306,8 +308,11 @@ class Node:
                     "the pool",
                     r.worker.unrecorded_outcomes,
                 )
+        if self._membership is not None and self.lease.identity is not None:
+            # also when stopped between registering and building the services: peers must not
+            # wait out the threshold for a node that has said goodbye
             try:
-                await r.membership.leave(self.lease.me(), "halted")
+                await self._membership.leave(self.lease.me(), "halted")
                 log.info("marked offline")
             except Exception as e:
                 log.warning("could not mark this node offline: %s", _first_line(e))

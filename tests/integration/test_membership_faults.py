@@ -294,3 +294,21 @@ def test_a_node_whose_join_took_long_is_not_declared_offline_on_arrival(
     time.sleep(3)  # several of a's sweeps
     assert statuses(url)["b"] == ("online", 1), b.log_tail()
     assert "declared b offline" not in a.log_text()
+
+
+def test_a_node_stopped_while_starting_shows_offline_at_once(
+    dsm_cluster: Cluster, tmp_path: Path
+) -> None:
+    """SIGTERM after the node registered itself Online but before its services were built: it
+    still says goodbye (Offline, local jobs dropped) instead of leaving its peers to wait out the
+    offline threshold."""
+    url = dsm_cluster.database_url
+    set_settings(url, heartbeat_interval_seconds=0.5, offline_threshold_seconds=120)
+    fault_file = tmp_path / "fault-a"
+    fault_file.write_text("startup=hang")
+    a = dsm_cluster.start("a", wait=False, DSM_TEST_FAULT_FILE=str(fault_file))
+    wait_until(lambda: "startup hangs" in a.log_text(), 60, "a hangs after joining", a.log_tail)
+    assert statuses(url)["a"] == ("online", 1)
+    assert a.stop() == 0, a.log_tail()
+    assert statuses(url)["a"] == ("offline", 1), a.log_tail()
+    assert "marked offline" in a.log_text()
