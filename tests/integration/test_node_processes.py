@@ -16,6 +16,7 @@ import time
 import pytest
 
 from dsm_node.db import migrating
+from dsm_node.embedded_pg import free_port
 from tests.support.effects import effects_per_job, node_status, pending, prepare, submit
 from tests.support.nodes import Cluster, query
 from tests.support.tcpproxy import Proxy
@@ -250,3 +251,33 @@ def test_restarts_do_not_spend_a_jobs_attempts(dsm_cluster: Cluster, tmp_path) -
     )[0]
     assert (outcome, attempt) == ("succeeded", 2), (outcome, attempt, error)
     assert effects_per_job(url) == {job_id: ["b"]}
+
+
+def test_a_port_in_use_stops_the_node_with_a_reason_and_it_leaves(dsm_cluster: Cluster) -> None:
+    """Each of the node's listeners, on its own thread, reports a taken port to the node's
+    thread: exit code 2 with the port named; refused on the heartbeat port (after joining), the
+    node also marks itself Offline on the way out."""
+    url = dsm_cluster.database_url
+    fast_settings(url, threshold=60)
+    hb_port = free_port("127.0.0.1")
+    a = dsm_cluster.start("a", DSM_HEARTBEAT_PORT=str(hb_port))
+    api_clash = dsm_cluster.start(
+        "b", wait=False, DSM_BIND_ADDRESS=a.address, DSM_API_PORT=str(a.port)
+    )
+    assert api_clash.child is not None and api_clash.child.proc is not None
+    assert api_clash.child.proc.wait(60) == 2, api_clash.log_tail()
+    assert f"cannot listen on {a.address} port {a.port}" in api_clash.log_text()
+    assert "b" not in {n for (n,) in query(url, "SELECT name FROM nodes")}
+
+    hb_clash = dsm_cluster.start(
+        "c",
+        wait=False,
+        DSM_BIND_ADDRESS=a.address,
+        DSM_API_PORT=str(free_port(a.address)),
+        DSM_HEARTBEAT_PORT=str(hb_port),
+    )
+    assert hb_clash.child is not None and hb_clash.child.proc is not None
+    assert hb_clash.child.proc.wait(60) == 2, hb_clash.log_tail()
+    assert f"cannot serve agents on {a.address} port {hb_port}" in hb_clash.log_text()
+    assert node_status(url, "c") == "offline", hb_clash.log_tail()
+    assert a.request("GET", "/readyz")[0] == 200

@@ -15,11 +15,9 @@ whether it is revoked is checked in the transaction that records the heartbeat.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import ssl
 import tempfile
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -36,6 +34,7 @@ from dsm_node.agents.store import Accepted, AgentStore, BatchResult, Pending
 from dsm_node.cluster.lease import Phase
 from dsm_node.db.engine import SessionLimits, create_engine, database_unavailable
 from dsm_node.services import Shared
+from dsm_node.threads import LoopThread
 
 if TYPE_CHECKING:
     from dsm_node.config import NodeConfig
@@ -507,42 +506,20 @@ def server_context(ca: pki.Authority, chain_pem: str, key_pem: str) -> ssl.SSLCo
     return ctx
 
 
-class AgentChannel:
+class AgentChannel(LoopThread):
     """Serves the agent protocol on the heartbeat port, on its own thread (see the module
     docstring). ``start`` returns once listening, or raises what stopped it (a port in use)."""
 
     def __init__(self, host: Host, config: NodeConfig) -> None:
+        super().__init__("dsm-agents", log)
         self.host, self.config = host, config
-        self._started: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=self._run, name="dsm-agents", daemon=True)
-
-    async def start(self) -> None:
-        self._thread.start()
-        await asyncio.wrap_future(self._started)
-
-    async def stop(self) -> None:
-        if self._loop is not None and self._stop is not None and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._stop.set)
-        await asyncio.to_thread(self._thread.join, 30)
-
-    def _run(self) -> None:
-        try:
-            asyncio.run(self._serve())
-        except BaseException as e:
-            if not self._started.done():
-                self._started.set_exception(e)
-            else:
-                log.error("the agent channel stopped: %s", e)
 
     async def _serve(self) -> None:
         cfg, host = self.config, self.host
         shared, node_id = host.shared(), host.node_id
         if shared is None or node_id is None:
             raise RuntimeError("the node has not joined the cluster")
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
         engine = create_engine(
             cfg.database_url,
             pool_size=cfg.agent_committers + 2,
@@ -567,7 +544,7 @@ class AgentChannel:
             service = AgentService(host, shared, store, ca, cfg)
             await service.refresh()
             service.committer.start()
-            server = await self._loop.create_server(
+            server = await loop.create_server(
                 lambda: ChannelProtocol(
                     service.handle,
                     cfg.http_header_timeout_seconds,
@@ -591,7 +568,7 @@ class AgentChannel:
                 cfg.heartbeat_port,
                 ca.pin,
             )
-            self._started.set_result(None)
+            self._serving()
             refresher = asyncio.create_task(self._refresh_forever(service))
             await self._stop.wait()
             refresher.cancel()

@@ -16,10 +16,8 @@ engine, job pool gateway and membership gateway (``common.Gateways``).
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import ssl
-import threading
 
 from aiohttp import web
 
@@ -31,45 +29,26 @@ from dsm_node.config import NodeConfig
 from dsm_node.db.engine import create_engine
 from dsm_node.jobs.pool import JobPool
 from dsm_node.services import NodeState
+from dsm_node.threads import LoopThread
 
 log = logging.getLogger("dsm.api")
 
 
-class ApiServer:
+class ApiServer(LoopThread):
     """Starts the listeners on the API thread; ``start`` raises what the listeners raised (a
     port in use, for one)."""
 
     def __init__(self, node: NodeState, config: NodeConfig, ssl_context: ssl.SSLContext) -> None:
+        super().__init__("dsm-api", log)
         self.node, self.config, self.ssl_context = node, config, ssl_context
-        self._started: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._node_loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=self._run, name="dsm-api", daemon=True)
 
     async def start(self) -> None:
         self._node_loop = asyncio.get_running_loop()
-        self._thread.start()
-        await asyncio.wrap_future(self._started)
-
-    async def stop(self) -> None:
-        if self._loop is not None and self._stop is not None and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._stop.set)
-        await asyncio.to_thread(self._thread.join, 30)
-
-    def _run(self) -> None:
-        try:
-            asyncio.run(self._serve())
-        except BaseException as e:  # the future carries it to the node's thread
-            if not self._started.done():
-                self._started.set_exception(e)
-            else:
-                log.error("the API thread stopped: %s", e)
+        await super().start()
 
     async def _serve(self) -> None:
         cfg = self.config
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
         engine = create_engine(
             cfg.database_url,
             pool_size=cfg.api_db_pool_size,
@@ -96,7 +75,7 @@ class ApiServer:
                 runner, cfg.bind_address, cfg.api_port, self.ssl_context, deadlines
             ).start()
             log.info("listening on https://%s:%s", cfg.bind_address, cfg.api_port)
-            self._started.set_result(None)
+            self._serving()
             await self._stop.wait()
         finally:
             await runner.cleanup()
