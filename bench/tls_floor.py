@@ -5,7 +5,10 @@ no event loop, no HTTP, no database. Times the server's side of each handshake (
 ticket offered), so the agent benchmark's node CPU per heartbeat can be compared with the floor
 set by OpenSSL (docs/benchmarks.md, "What limits the figure").
 
-    .venv/bin/python -m bench.tls_floor [--handshakes 2000] [--runs 5]
+    .venv/bin/python -m bench.tls_floor [--handshakes 2000] [--runs 5] [--tickets 1,2]
+
+``--tickets`` compares how many TLS 1.3 session tickets the server issues per handshake (the
+node's setting first); runs alternate between the values so the machine's noise falls on all.
 """
 
 from __future__ import annotations
@@ -73,10 +76,16 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--handshakes", type=int, default=2000)
     p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--tickets", default="", help="e.g. 1,2: tickets per handshake to compare")
     args = p.parse_args()
     ca = pki.new_authority()
     chain, key = pki.node_certificate(ca, "n0", ["127.0.0.1"])
-    server_ctx = server_context(ca, chain, key)
+    default = server_context(ca, chain, key).num_tickets
+    servers: dict[str, ssl.SSLContext] = {}
+    for n in [int(x) for x in args.tickets.split(",") if x] or [default]:
+        ctx = server_context(ca, chain, key)
+        ctx.num_tickets = n
+        servers[f"{n} tickets" + (" (the node's)" if n == default else "")] = ctx
     agent_key = pki.new_key()
     cert = pki.agent_certificate(ca, 1, agent_key.public_key(), pki.new_serial())
     with tempfile.TemporaryDirectory() as d:
@@ -92,24 +101,27 @@ def main() -> int:
         client_ctx = trust_ca(ca.certificate_pem, cert_file, key_file)
     print(ssl.OPENSSL_VERSION)
     for mode in ("full", "resumed"):
-        per: list[float] = []
+        per: dict[str, list[float]] = {label: [] for label in servers}
+        reused = dict.fromkeys(servers, 0)
         for _ in range(args.runs):
-            session = None
-            total = 0.0
-            reused = 0
-            for _ in range(args.handshakes):
-                spent, got, was_reused = handshake(
-                    server_ctx, client_ctx, session if mode == "resumed" else None
-                )
-                total += spent
-                reused += was_reused
-                session = got
-            per.append(1e6 * total / args.handshakes)
-        print(
-            f"{mode:8} server side: median {statistics.median(per):.0f} us per handshake "
-            f"(runs {min(per):.0f}-{max(per):.0f} us; resumed {reused}/{args.handshakes} in the "
-            "last run)"
-        )
+            for label, server_ctx in servers.items():
+                session = None
+                total = 0.0
+                reused[label] = 0
+                for _ in range(args.handshakes):
+                    spent, got, was_reused = handshake(
+                        server_ctx, client_ctx, session if mode == "resumed" else None
+                    )
+                    total += spent
+                    reused[label] += was_reused
+                    session = got
+                per[label].append(1e6 * total / args.handshakes)
+        for label, xs in per.items():
+            print(
+                f"{mode:8} {label:22} server side: median {statistics.median(xs):.0f} us per "
+                f"handshake (runs {min(xs):.0f}-{max(xs):.0f} us; resumed {reused[label]}/"
+                f"{args.handshakes} in the last run)"
+            )
     return 0
 
 
