@@ -4,7 +4,7 @@ the manager list with random pick and failover, buffered events.
 
 Each heartbeat is a new TLS connection to a manager picked at random from the list; when it
 cannot connect (TCP, TLS, a timeout, a 503) it tries another, until one answers or none can be
-reached, and then it waits for its next heartbeat (the interval with ±10% jitter). Events recorded
+reached, and then it waits for its next heartbeat (see ``heartbeat_delay``). Events recorded
 meanwhile stay in the journal and are sent later, oldest first; only an acknowledgement removes
 them, so a lost answer means the same events are sent again (the node stores them once).
 """
@@ -33,8 +33,16 @@ from dsm_node.agents import pki, protocol
 
 CONNECT_TIMEOUT = 10.0
 ANSWER_TIMEOUT = 30.0
-JITTER = 0.1
+JITTER = 0.1  # heartbeats come 90-100% of the interval apart
 LOAD_BALANCER_TRIES = 3
+
+
+def heartbeat_delay(interval: float, rng: random.Random) -> float:
+    """The wait before the next heartbeat: a random point in the last tenth of the interval.
+    Random, so that agents that lost their node together do not come back in lockstep; never
+    longer than the interval, so that an agent whose node died is re-homed within one interval
+    (plus its failover) and is never late by its own choice."""
+    return interval * rng.uniform(1 - JITTER, 1)
 
 
 class AgentError(RuntimeError):
@@ -455,7 +463,7 @@ class Agent:
         self.resumed = 0
 
     def next_delay(self) -> float:
-        return self.state.interval * self.rng.uniform(1 - JITTER, 1 + JITTER)
+        return heartbeat_delay(self.state.interval, self.rng)
 
     def body(self) -> tuple[bytes, int]:
         limit = int(self.state.config.get("maxEventsPerHeartbeat", protocol.MAX_EVENTS))
