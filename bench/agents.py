@@ -6,7 +6,7 @@ machine's noise falls on all alike); the summary gives the median and the range.
 figures: docs/benchmarks.md ("Agent heartbeats").
 
     .venv/bin/python -m bench.agents [--runs 3] [--agents 600] [--interval 2] [--seconds 30]
-                                     [--storm 10000] [--storm-interval 60]
+                                     [--storm 10000] [--storm-interval 180]
 """
 
 from __future__ import annotations
@@ -371,7 +371,7 @@ def main() -> int:
     p.add_argument("--interval", type=float, default=2.0)
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--storm", type=int, default=10_000, help="agents in the storm (0 skips)")
-    p.add_argument("--storm-interval", type=float, default=60.0)
+    p.add_argument("--storm-interval", type=float, default=180.0)
     p.add_argument("--nodes", default="1,3")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dsm-bench-agents-"))

@@ -504,8 +504,8 @@ def server_context(ca: pki.Authority, chain_pem: str, key_pem: str) -> ssl.SSLCo
     ctx.load_verify_locations(cadata=ca.certificate_pem)
     ctx.verify_mode = ssl.CERT_OPTIONAL
     # An agent keeps one session per node (the latest): OpenSSL's default of two TLS 1.3 tickets
-    # per handshake makes one for nothing, about 14% of a full handshake's server CPU
-    # (`python -m bench.tls_floor --tickets 1,2`).
+    # per handshake makes one for nothing, 14-27% of a full handshake's server CPU
+    # (`python -m bench.tls_floor --tickets 1,2`; docs/benchmarks.md).
     ctx.num_tickets = 1
     return ctx
 
