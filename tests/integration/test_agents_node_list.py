@@ -46,12 +46,15 @@ def _wait_listed(nodes: tuple[NodeProcess, ...], count: int) -> None:
 
 
 def _next_round(sim: Simulator) -> dict[str, Any]:
-    """Waits until every agent has one more answered heartbeat than now; returns the status."""
+    """Waits until every agent has had a heartbeat answered after now; returns the status. The
+    simulator writes its status once a second, so the snapshot taken now may miss up to two
+    answers (heartbeats are at least 0.9 s apart) and one more may be under way: three more
+    answers than the snapshot shows include one the node composed after now."""
     before = {a["agentId"]: a["ok"] for a in sim.status()["perAgent"]}
 
     def done() -> Any:
         s = sim.status()
-        ok = all(a["ok"] > before[a["agentId"]] for a in s["perAgent"])
+        ok = all(a["ok"] >= before[a["agentId"]] + 3 for a in s["perAgent"])
         return s if ok else None
 
     return dict(wait_until(done, 120, "one more heartbeat round", sim.log))
