@@ -27,7 +27,9 @@ pytestmark = pytest.mark.integration
 
 
 def running(url: str) -> int:
-    return int(query(url, "SELECT count(*) FROM jobs WHERE state = 'running'")[0][0])
+    """The test's jobs running (not the node's own periodic jobs, such as agents_watch)."""
+    sql = "SELECT count(*) FROM jobs WHERE state = 'running' AND type IN ('record_effect', 'sleep')"
+    return int(query(url, sql)[0][0])
 
 
 def proxied(url: str) -> tuple[Proxy, str]:
