@@ -18,7 +18,14 @@ import psycopg
 import pytest
 
 from dsm_node.embedded_pg import EmbeddedPostgres
-from tests.support.effects import effects_per_job, node_status, pending, prepare, submit
+from tests.support.effects import (
+    effects_per_job,
+    node_status,
+    pending,
+    prepare,
+    running,
+    submit,
+)
 from tests.support.nodes import Cluster, query
 from tests.support.tcpproxy import Proxy
 from tests.support.waiting import wait_until
@@ -26,10 +33,8 @@ from tests.support.waiting import wait_until
 pytestmark = pytest.mark.integration
 
 
-def running(url: str) -> int:
-    """The test's jobs running (not the node's own periodic jobs, such as agents_watch)."""
-    sql = "SELECT count(*) FROM jobs WHERE state = 'running' AND type IN ('record_effect', 'sleep')"
-    return int(query(url, sql)[0][0])
+def running_count(url: str) -> int:
+    return len(running(url, ("record_effect", "sleep")))
 
 
 def proxied(url: str) -> tuple[Proxy, str]:
@@ -47,7 +52,7 @@ def test_outcomes_lost_in_a_short_outage_are_recorded_afterwards(dsm_cluster: Cl
     try:
         a = dsm_cluster.start("a", database_url=via_proxy)
         ids = submit(a, [{"type": "record_effect", "payload": {"sleep_after_write": 1.5}}] * 40)
-        wait_until(lambda: running(url) >= 8, 30, "a runs jobs inside their transactions")
+        wait_until(lambda: running_count(url) >= 8, 30, "a runs jobs inside their transactions")
         proxy.refuse()
         wait_until(
             lambda: "could not record failure" in a.log_text(),
@@ -94,7 +99,7 @@ def test_jobs_end_after_a_postgresql_restart(
         b = cluster.start("b")
         ids = submit(a, [{"type": "record_effect", "payload": {"sleep_after_write": 1}}] * 60)
         ids += submit(b, [{"type": "sleep", "payload": {"seconds": 1}}] * 60)
-        wait_until(lambda: running(url) >= 16, 30, "jobs running on both nodes", cluster.logs)
+        wait_until(lambda: running_count(url) >= 16, 30, "jobs running on both nodes", cluster.logs)
         own_postgres.stop(mode)
         own_postgres.start()
         wait_until(
@@ -135,7 +140,7 @@ def test_a_job_past_its_deadline_returns_to_the_pool_while_its_owner_is_online(
             }
         ],
     )
-    wait_until(lambda: running(url) == 1, 30, "a runs the job")
+    wait_until(lambda: running_count(url) == 1, 30, "a runs the job")
     a.signal(signal.SIGSTOP)
     try:
         b = dsm_cluster.start("b")

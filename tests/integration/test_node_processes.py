@@ -17,7 +17,14 @@ import pytest
 
 from dsm_node.db import migrating
 from dsm_node.embedded_pg import free_port
-from tests.support.effects import effects_per_job, node_status, pending, prepare, submit
+from tests.support.effects import (
+    effects_per_job,
+    node_status,
+    pending,
+    prepare,
+    running,
+    submit,
+)
 from tests.support.nodes import Cluster, query
 from tests.support.tcpproxy import Proxy
 from tests.support.waiting import wait_until
@@ -29,13 +36,6 @@ THRESHOLD = 5.0
 
 def fast_settings(url: str, threshold: float = THRESHOLD) -> None:
     prepare(url, threshold)
-
-
-def running(url: str) -> set[int]:
-    """The test's jobs running: not the node's own periodic jobs (agents_watch, due when a node
-    starts, can be running beside them, waiting for a transaction slot)."""
-    sql = "SELECT id FROM jobs WHERE state = 'running' AND type = 'record_effect'"
-    return {int(r[0]) for r in query(url, sql)}
 
 
 def test_three_nodes_run_5000_jobs_each_effect_exactly_once(dsm_cluster: Cluster) -> None:

@@ -23,6 +23,13 @@ def effects_per_job(url: str) -> dict[int, list[str]]:
     return out
 
 
+def running(url: str, job_types: tuple[str, ...] = ("record_effect",)) -> set[int]:
+    """The ids of the test's jobs running: not the node's own periodic jobs (agents_watch, due
+    when a node starts, can be running beside them, waiting for a transaction slot)."""
+    sql = "SELECT id FROM jobs WHERE state = 'running' AND type = ANY(%s)"
+    return {int(r[0]) for r in query(url, sql, (list(job_types),))}
+
+
 def pending(url: str, job_type: str = "record_effect") -> int:
     return int(query(url, "SELECT count(*) FROM jobs WHERE type = %s", (job_type,))[0][0])
 
