@@ -163,6 +163,7 @@ def test_an_object_that_is_not_ours_is_never_taken_over(
         degraded = api.condition("Degraded")
         assert f"{kind} {name}" in degraded["message"], degraded
         assert api.condition("Ready")["status"] == "False"
+        api.wait_events("OwnershipConflict")
         assert ("OwnershipConflict", degraded["message"]) in api.events()
         after = _read(api, kind, name)
         # Unchanged but for status (controllers update a StatefulSet's or PDB's status).
@@ -208,7 +209,7 @@ def test_switching_a_child_off_deletes_only_what_is_ours(
             60,
             "the operator's PDB and load balancer Services deleted",
         )
-        assert [r for r, _ in api.events()].count("ChildDeleted") == 3
+        assert api.wait_events(*["ChildDeleted"] * 3).count("ChildDeleted") == 3
         # Now the names are free and a user takes them: they stay.
         _foreign_pdb(api, "mgr")
         _foreign_service(api, "mgr-lb")
@@ -336,7 +337,7 @@ def test_a_refused_write_shows_in_the_status(
         assert "refused by the test's admission policy" in degraded["message"]
         ready = api.condition("Ready")
         assert ready["status"] == "False" and ready["reason"] == "ApplyFailed"
-        assert "ApplyFailed" in [r for r, _ in api.events()]
+        api.wait_events("ApplyFailed")
         refusing_policy.remove()
         wait_until(
             lambda: api.ready(1) and api.condition("Degraded")["status"] == "False",

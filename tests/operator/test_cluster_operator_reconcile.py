@@ -121,8 +121,7 @@ def test_applying_a_resource_creates_the_children(
             30,
             "kopf's last-handled-configuration annotation",
         )
-        reasons = {r for r, _ in api.events()}
-        assert {"ApiKeyCreated", "Created"} <= reasons
+        api.wait_events("ApiKeyCreated", "Created")
         metrics = (
             urllib.request.urlopen(f"http://127.0.0.1:{operator_env}/metrics", timeout=5)
             .read()
@@ -176,7 +175,7 @@ def test_scale_up_and_down_one_node_at_a_time(
     finally:
         log.stop()
     assert operator_deletions(k8s_workloads, k8s_namespace) == []
-    reasons = [r for r, _ in api.events()]
+    reasons = api.wait_events(*["ScalingUp"] * 3, *["ScalingDown"] * 2)
     assert reasons.count("ScalingUp") == 3
     assert reasons.count("ScalingDown") == 2
 
@@ -206,9 +205,8 @@ def test_version_change_replaces_one_pod_at_a_time(
     assert rollout["targetVersion"] == "20.1.0"
     images = {p.spec.containers[0].image for p in api.pods()}
     assert images == {"registry.test/dsm-node:20.1.0"}
-    reasons = [r for r, _ in api.events()]
+    reasons = api.wait_events(*["RollingOut"] * 3, "RolloutComplete")
     assert reasons.count("RollingOut") == 3
-    assert "RolloutComplete" in reasons
 
 
 def test_operator_restart_in_the_middle_of_an_upgrade_resumes(
@@ -359,7 +357,7 @@ def test_a_version_that_never_gets_ready_stops_the_rollout(
         assert status["rollout"]["state"] == "Stalled"
         assert status["rollout"]["pending"] == ["mgr-1", "mgr-2"]
         assert api.condition("Progressing")["status"] == "False"
-        assert "RolloutStalled" in [r for r, _ in api.events()]
+        api.wait_events("RolloutStalled")
         # nodes 3 -> 2 while mgr-0 is broken: removing mgr-2 would put a second node out.
         api.patch_spec({"nodes": 2})
         generation = api.get()["metadata"]["generation"]

@@ -10,6 +10,7 @@ counterpart, with the operator as a process and real nodes, is tests/support/e2e
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from kubernetes import client
 
 from dsm_operator.reconcile import names
 from tests.k8s.audit import Request
+from tests.support.waiting import wait_until
 
 GROUP, VERSION, PLURAL = names.GROUP, names.VERSION, names.PLURAL
 CHART = Path(__file__).resolve().parents[2] / "helm" / "dsm-operator"
@@ -106,6 +108,21 @@ class Api:
             for e in self.core.list_namespaced_event(self.ns).items
             if e.involved_object.kind == "DeepSecurityManager"
         ]
+
+    def wait_events(self, *reasons: str, timeout: float = 30) -> list[str]:
+        """The reasons of the events posted so far, once each of ``reasons`` is among them as
+        many times as it is listed. kopf posts events from a queue of its own, after the change
+        they report: a test that has seen the change must still wait for its event."""
+        wanted = Counter(reasons)
+
+        def posted() -> list[str] | None:
+            got = [r for r, _ in self.events()]
+            have = Counter(got)
+            return got if all(have[r] >= n for r, n in wanted.items()) else None
+
+        return wait_until(
+            posted, timeout, f"events {dict(wanted)}", detail=lambda: f"events: {self.events()}"
+        )
 
 
 def install_namespaced_chart(cluster: Any, release: str, namespace: str) -> None:
