@@ -78,7 +78,16 @@ def test_agents_get_their_own_passthrough_service_and_both_addresses_reach_the_s
     wait_until(
         written, 300, "both addresses in the cluster settings", lambda: json.dumps(manager.status())
     )
-    status = manager.status()
+    # The operator writes its status after the settings it reports: wait for it too.
+    status = wait_until(
+        lambda: (
+            (s := manager.status()).get("agentSettings", {}).get("heartbeatAddress") == AGENTS_IP
+            and s
+        ),
+        60,
+        "the agents' address in the status",
+        lambda: json.dumps(manager.status()),
+    )
     assert status["loadBalancerAddress"] == CONSOLE_IP
     assert status["agentLoadBalancerAddress"] == AGENTS_IP
     assert status["agentSettings"]["heartbeatAddress"] == AGENTS_IP

@@ -397,7 +397,19 @@ def test_an_operator_restarted_mid_upgrade_resumes_it(
         events = kubelet.events_of(manager.namespace)
         return [e.pod for e in events if e.at >= started and e.kind == "terminating"]
 
-    time.sleep(1)  # a deletion sent just before the stop reaches the kubelet within this
+    # A deletion sent just before the stop is allowed: wait until the kubelet has seen every pod
+    # the API server marks as deleting, so that only a later deletion counts below.
+    deleting = {
+        p["metadata"]["uid"] for p in manager.pods() if p["metadata"].get("deletionTimestamp")
+    }
+    wait_until(
+        lambda: (
+            deleting
+            <= {e.uid for e in kubelet.events_of(manager.namespace) if e.kind == "terminating"}
+        ),
+        60,
+        f"the kubelet terminating the pods deleted before the stop ({len(deleting)})",
+    )
     before = terminations()
     time.sleep(5)
     assert terminations() == before, "a pod was deleted while no operator ran"
@@ -413,8 +425,11 @@ def test_an_operator_restarted_mid_upgrade_resumes_it(
         "3 nodes Online at 0.2.0 after the restart",
         lambda: f"status: {manager.status()}\nDB: {manager.db_nodes()}",
     )
+    # mgr-0 first; then the other two in whichever order the operator saw them turn unready
+    # (see test_upgrade_takes_over_one_node_at_a_time_and_loses_no_job).
     events = [e for e in kubelet.events_of(manager.namespace) if e.at >= started]
-    assert [e.pod for e in events if e.kind == "terminating"] == ["mgr-0", "mgr-1", "mgr-2"]
+    order = [e.pod for e in events if e.kind == "terminating"]
+    assert order[0] == "mgr-0" and sorted(order) == ["mgr-0", "mgr-1", "mgr-2"], order
     assert concurrent_starts(kubelet.events_of(manager.namespace)) == []
     assert query(manager.database_url, "SELECT schema_version FROM dsm_schema") == [(V2_SCHEMA,)]
     assert kubelet.errors == []

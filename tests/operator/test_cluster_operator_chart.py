@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import yaml
 from tests.support.operator import CHART, install_namespaced_chart
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -166,6 +167,19 @@ def _can_i(cluster: Any, sa: str, namespace: str, verb: str, resource: str) -> b
     return bool(result.status.allowed)
 
 
+def _wait_granted(cluster: Any, sa: str, namespace: str) -> None:
+    """Wait until the API server's authorizer grants every permission in NEEDED (it reads roles
+    and bindings from caches that catch up after ``helm install`` returns); fail naming those
+    still missing."""
+
+    def missing() -> list[str]:
+        return [
+            f"{verb} {res}" for verb, res in NEEDED if not _can_i(cluster, sa, namespace, verb, res)
+        ]
+
+    wait_until(lambda: not missing(), 30, "the chart's RBAC granted", lambda: str(missing()))
+
+
 def test_installed_cluster_wide_operator_may_do_its_work(
     k8s_control_plane: Any, k8s_namespace: str, dsm_crd: str
 ) -> None:
@@ -180,12 +194,7 @@ def test_installed_cluster_wide_operator_may_do_its_work(
         assert "helm show crds" in notes
         assert "<this chart>" not in notes and "https://" not in notes
         sa = f"system:serviceaccount:{k8s_namespace}:{release}-dsm-operator"
-        missing = [
-            f"{verb} {res}"
-            for verb, res in NEEDED
-            if not _can_i(k8s_control_plane, sa, "some-other-namespace", verb, res)
-        ]
-        assert missing == []
+        _wait_granted(k8s_control_plane, sa, "some-other-namespace")
         excess = [
             f"{verb} {res}"
             for verb, res in NOT_NEEDED
@@ -206,12 +215,7 @@ def test_installed_namespaced_operator_is_confined(
     install_namespaced_chart(k8s_control_plane, release, k8s_namespace)
     try:
         sa = f"system:serviceaccount:{k8s_namespace}:{release}-dsm-operator"
-        missing = [
-            f"{verb} {res}"
-            for verb, res in NEEDED
-            if not _can_i(k8s_control_plane, sa, k8s_namespace, verb, res)
-        ]
-        assert missing == []
+        _wait_granted(k8s_control_plane, sa, k8s_namespace)
         assert not _can_i(k8s_control_plane, sa, "default", "get", "secrets")
         assert not _can_i(k8s_control_plane, sa, "default", "patch", "statefulsets.apps")
     finally:

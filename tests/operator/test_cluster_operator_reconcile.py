@@ -166,10 +166,13 @@ def test_scale_up_and_down_one_node_at_a_time(
             wait_until(lambda: api.ready(1), 60, "one node")
             api.patch_spec({"nodes": 4})
             wait_until(lambda: api.ready(4), 90, "four nodes")
+            # The watch runs on its own thread: let it catch up before reading it.
+            wait_until(lambda: len(log.created()) >= 4, 30, "four creations watched")
             assert log.created() == ["mgr-0", "mgr-1", "mgr-2", "mgr-3"]
             assert log.starts_while_others_unready() == []
             api.patch_spec({"nodes": 2})
             wait_until(lambda: api.ready(2) and len(api.pods()) == 2, 90, "two nodes")
+            wait_until(lambda: len(log.deleted()) >= 2, 30, "two deletions watched")
             # The StatefulSet controller removed them (replicas lowered one at a time).
             assert log.deleted() == ["mgr-3", "mgr-2"]
     finally:
@@ -251,7 +254,12 @@ def test_secret_change_rolls_the_pods_and_nothing_else_does(
             "dsm-db", k8s_namespace, {"stringData": {"comment": "not read by the pods"}}
         )
         api.patch_spec({"paused": False, "podAnnotations": None})
-        wait_until(lambda: api.ready(2), 30, "two nodes still Ready")
+        generation = api.get()["metadata"]["generation"]
+        wait_until(
+            lambda: api.ready(2) and api.get()["status"].get("observedGeneration") == generation,
+            30,
+            "a pass over the new generation, two nodes still Ready",
+        )
         assert {p.metadata.uid for p in api.pods()} == uids
         api.core.patch_namespaced_secret(
             "dsm-db", k8s_namespace, {"stringData": {"url": "postgresql://u:p@127.0.0.1:5433/dsm"}}
