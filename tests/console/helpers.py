@@ -14,8 +14,9 @@ from tests.support.nodes import REPO, Cluster, NodeProcess, set_settings
 
 ADMIN_PASSWORD = "correct horse battery staple"
 AUDITOR_PASSWORD = "auditor password, long enough"
-# a node killed is Offline within a few seconds (the product's default is 3 minutes)
-HEARTBEAT_SECONDS, OFFLINE_SECONDS = 0.5, 4.0
+# A node killed is Offline within seconds (the product's default is 3 minutes), yet a live node
+# stalled beside Chromium on a loaded machine is not (its self-stop point is 2/3 of the threshold).
+HEARTBEAT_SECONDS, OFFLINE_SECONDS = 1.0, 10.0
 SCREENSHOTS = REPO / "docs" / "screenshots"
 LONG = 60_000  # ms: the bound for anything that waits on the cluster (a failure, not a measure)
 

@@ -32,7 +32,8 @@ def test_agent_activates_heartbeats_and_its_events_are_stored_once(
     dsm_cluster: Cluster, tmp_path: Path
 ) -> None:
     url = dsm_cluster.database_url
-    agent_settings(url, interval=1.0)
+    # Online is read after the agent has exited: 30 missed heartbeats leave time for that read.
+    agent_settings(url, interval=1.0, missed=30)
     a = start_node(dsm_cluster, "a")
     wait_serving(a)
     tok, pin = token(a)

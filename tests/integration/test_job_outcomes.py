@@ -131,7 +131,9 @@ def test_a_job_past_its_deadline_returns_to_the_pool_while_its_owner_is_online(
     """Its owner (paused, not long enough to be declared offline) cannot act: any node's sweep
     returns the job after its deadline, and the owner's late finish is fenced out."""
     url = dsm_cluster.database_url
-    prepare(url, threshold=30, interval=1)  # a pause of a few seconds is not a takeover
+    # a stays paused through b's start and b's sweep, which on a loaded machine can take tens of
+    # seconds: a self-stop point of 40 s keeps that pause far from a takeover.
+    prepare(url, threshold=60, interval=1)
     a = dsm_cluster.start("a")
     (job_id,) = submit(
         a,
@@ -149,7 +151,7 @@ def test_a_job_past_its_deadline_returns_to_the_pool_while_its_owner_is_online(
         b = dsm_cluster.start("b")
         wait_until(
             lambda: effects_per_job(url) == {job_id: ["b"]},
-            12,
+            25,
             "b runs the job while its owner a is still paused",
             dsm_cluster.logs,
         )

@@ -114,14 +114,19 @@ async def test_failures_retry_with_backoff_then_dead_letter(
     (job_id,) = (await pool.enqueue([NewJob("always_fails", {}, max_attempts=2)])).ids
     (j,) = await pool.claim(me.node_id, me.epoch, 1)
     assert (
-        await pool.fail(me.node_id, j, "boom 1", states.Backoff(base_seconds=0.2, jitter=0))
+        await pool.fail(me.node_id, j, "boom 1", states.Backoff(base_seconds=2, jitter=0))
         == "retrying"
     )
     job = await pool.get(job_id)
     assert job is not None and job.state == "retrying" and job.error == "boom 1"
     assert await pool.claim(me.node_id, me.epoch, 1) == []  # backing off
-    await asyncio.sleep(0.3)
-    (j2,) = await pool.claim(me.node_id, me.epoch, 1)
+    # Claimable again once the backoff is over (not before: see the line above), polled rather
+    # than slept, since a loaded machine may take longer than the backoff to get here.
+    for _ in range(300):
+        if claimed := await pool.claim(me.node_id, me.epoch, 1):
+            break
+        await asyncio.sleep(0.1)
+    (j2,) = claimed
     assert j2.attempt == 2
     assert await pool.fail(me.node_id, j2, "boom 2", states.Backoff()) == "failed"
     job = await pool.get(job_id)

@@ -106,9 +106,12 @@ def test_upgrade_takes_over_and_loses_no_job(dsm_cluster: Cluster) -> None:
         "c": "Offline (Upgrade Required)",
     }
     for old in (b, c):
-        wait_until(lambda old=old: old.request("GET", "/readyz")[0] == 503, 30, "old node unready")
-        _, body = old.request("GET", "/readyz")
-        assert "Upgrade Required" in body["reasons"][0]
+        # Unready first for a lost lease, then for the upgrade once its next attempt reads why.
+        def upgrade_required(old: NodeProcess = old) -> bool:
+            code, body = old.request("GET", "/readyz")
+            return code == 503 and "Upgrade Required" in body["reasons"][0]
+
+        wait_until(upgrade_required, 30, "old node unready: Upgrade Required")
         assert old.proc is not None and old.proc.poll() is None  # alive, working on nothing
         assert old.request("GET", "/healthz")[0] == 200
         assert "Offline (Upgrade Required)" in old.log_text()

@@ -126,14 +126,15 @@ async def test_a_job_past_its_deadline_returns_whoever_owns_it(
     (retried, dead) = (
         await pool.enqueue(
             [
-                NewJob("noop", {"n": 1}, max_attempts=3, timeout_seconds=1),
-                NewJob("noop", {"n": 2}, max_attempts=1, timeout_seconds=1),
+                NewJob("noop", {"n": 1}, max_attempts=3, timeout_seconds=3),
+                NewJob("noop", {"n": 2}, max_attempts=1, timeout_seconds=3),
             ]
         )
     ).ids
     claimed = {j.id: j for j in await pool.claim(a.node_id, a.epoch, 2)}
+    # before the deadline (and its grace), nothing expires; after it, both jobs do
     assert (await sweep(engine, grace=0.5)).expired == 0  # type: ignore[attr-defined]
-    await asyncio.sleep(1.6)
+    await asyncio.sleep(3.6)
     swept = await sweep(engine, grace=0.5)
     assert (swept.expired, swept.dead) == (2, 1)  # type: ignore[attr-defined]
     assert await scalar(engine, "SELECT state FROM jobs WHERE id = :id", id=retried) == "ready"

@@ -200,6 +200,7 @@ def test_settings_are_reread_on_their_own_and_a_bad_value_stops_nothing(
     set_settings(url, offline_threshold_seconds=1e308)
     bad = "refused; keeping 5.0"  # the stored value, then this
     wait_until(lambda: bad in a.log_text(), 30, "a notices the bad value", a.log_tail)
+    wait_until(lambda: bad in b.log_text(), 30, "b notices the bad value", b.log_tail)
     beats = query(url, "SELECT last_heartbeat FROM nodes WHERE name = 'a'")[0][0]
     wait_until(
         lambda: query(url, "SELECT last_heartbeat FROM nodes WHERE name = 'a'")[0][0] > beats,

@@ -134,22 +134,26 @@ async def flood(
 def test_a_sign_in_flood_never_delays_the_heartbeat(dsm_cluster: Cluster) -> None:
     """Issue 9: 100 concurrent wrong-password sign-ins from 20 addresses starved the event loop
     (Argon2id ran on it) until the heartbeat was 10.8 s old. Now hashing runs on threads behind
-    a bounded queue: the heartbeat stays within the node's own readiness bound (two intervals
-    and a second) by the database's clock, and the node keeps its incarnation."""
-    interval = 1.0
+    a bounded queue: the heartbeat never ages to the node's self-stop point (2/3 of the
+    threshold, by the database's clock; a bound the 10.8 s would break, and one a loaded machine
+    scheduling the node late does not), and the node keeps its incarnation."""
+    interval, threshold = 1.0, 10.0
     set_settings(
-        dsm_cluster.database_url, heartbeat_interval_seconds=interval, offline_threshold_seconds=10
+        dsm_cluster.database_url,
+        heartbeat_interval_seconds=interval,
+        offline_threshold_seconds=threshold,
     )
     node = dsm_cluster.start("target", DSM_ADMIN_PASSWORD=ADMIN_PASSWORD)
     sources = [next_address() for _ in range(20)]
     with HeartbeatWatch(node.database_url, node.name) as watch:
-        # 40 checked passwords are at least 4 s of Argon2 (0.1-0.45 s each on an idle machine):
+        # 80 checked passwords are at least 8 s of Argon2 (0.1-0.45 s each on an idle machine):
         # on the event loop they would have stopped the heartbeat for longer than the bound
-        outcomes = asyncio.run(flood(node, sources, checked=40, seconds=120))
+        outcomes = asyncio.run(flood(node, sources, checked=80, seconds=120))
     print(f"flood: {dict(outcomes)}; heartbeat age max {max(watch.ages):.2f} s")
-    assert outcomes[401] >= 40, outcomes
+    assert outcomes[401] >= 80, outcomes
     assert outcomes[503] > 0 and outcomes["503 with Retry-After"] == outcomes[503], outcomes
-    assert max(watch.ages) <= 2 * interval + 1, (max(watch.ages), outcomes)
+    assert max(watch.ages) < threshold * 2 / 3, (max(watch.ages), outcomes)
+    assert "stopped claiming jobs" not in node.log_text(), node.log_tail()
     assert len({epoch for epoch, _ in watch.states}) == 1, watch.states
     assert {status for _, status in watch.states} == {"online"}, watch.states
     # and an administrator still gets in
