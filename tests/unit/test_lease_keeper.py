@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import gc
 import time
 from collections.abc import Callable
 
@@ -34,6 +35,7 @@ class FakeMembers:
         self.registered = 0
         self.decommissioned = False
         self.release_hang = asyncio.Event()
+        self.hang_ends_with: Exception | None = None  # raised by a hung heartbeat once released
         self.during_heartbeat: Callable[[], None] | None = None
 
     async def heartbeat(
@@ -49,6 +51,8 @@ class FakeMembers:
             except asyncio.CancelledError:
                 self.cancelled += 1
                 raise
+            if self.hang_ends_with is not None:
+                raise self.hang_ends_with
         if self.answer == "fail":
             raise OSError("connection refused")
         if self.answer == "lost":
@@ -194,3 +198,32 @@ async def test_a_shorter_interval_adopted_during_a_heartbeat_applies_to_the_next
         h.live.adopt(slow)  # wakes the keeper: its next heartbeat runs at the slow timing
         beats = h.members.heartbeats
         await until(lambda: h.members.heartbeats >= beats + 4, "heartbeats at the new interval")
+
+
+async def test_an_attempt_that_ends_after_its_wait_still_counts(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A heartbeat stuck long enough to fence the node ends (here: fails) while the loop is busy
+    fencing, after its wait timed out. Its outcome is the next one the loop acts on. The loop
+    used to start a new attempt over it, dropping the outcome ("Task exception was never
+    retrieved" in a node's log after SIGSTOP/SIGCONT)."""
+    unretrieved: list[str] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, context: unretrieved.append(str(context["message"])))
+    async with Harness() as h:
+        await until(lambda: h.members.heartbeats >= 2, "heartbeats")
+        fence = h.work.pause
+
+        def fence_and_end_the_heartbeat(reason: str) -> None:
+            fence(reason)
+            h.members.hang_ends_with = OSError("the late outcome")
+            h.members.answer = "renew"
+            h.members.release_hang.set()
+
+        h.work.pause = fence_and_end_the_heartbeat  # type: ignore[method-assign]
+        h.members.answer = "hang"
+        await until(lambda: h.members.release_hang.is_set(), "fenced while the heartbeat hangs")
+        await until(lambda: h.lease.phase is Phase.ONLINE, "back online")
+    gc.collect()
+    assert "the late outcome" in caplog.text, caplog.text
+    assert unretrieved == []

@@ -204,13 +204,18 @@ class LeaseKeeper:
             t0 = loop.time()
             kind = lease.attempt_for(self.lease.phase)
             outcome = _Outcome(Event.PENDING)
-            if kind is not Attempt.NOTHING or (attempt is not None and not attempt.done()):
-                if attempt is None or attempt.done():
+            if attempt is not None and attempt.done():
+                # It ended after its wait timed out, while this loop fenced or paused (a node
+                # resumed after a freeze): its outcome comes first, and it already had its effect
+                # (a renewal's time, a rejoin's incarnation).
+                outcome, attempt = self._outcome_of(attempt), None
+            elif kind is not Attempt.NOTHING or attempt is not None:
+                if attempt is None:
                     attempt = asyncio.create_task(self._attempt(kind), name=str(kind))
                     started = t0
                 await asyncio.wait({attempt}, timeout=t.heartbeat_interval)
                 if attempt.done():
-                    outcome = self._outcome_of(attempt)
+                    outcome, attempt = self._outcome_of(attempt), None
                 else:
                     log.warning(
                         "heartbeat waiting on the database for %.1f s", loop.time() - started
