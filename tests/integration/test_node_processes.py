@@ -97,10 +97,16 @@ def test_paused_node_cannot_finish_jobs_taken_over_and_rejoins(dsm_cluster: Clus
     ids = submit(
         a, [{"type": "record_effect", "payload": {"sleep_after_write": 3, "slow_attempts": 1}}] * 10
     )
+    # Claimed is not enough (on a busy machine a can be frozen before any handler starts): wait
+    # until effects are written inside transactions a has yet to commit.
+    writing = (
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'dsm-node:a' "
+        "AND state = 'idle in transaction' AND query LIKE 'INSERT INTO test_effects%'"
+    )
     wait_until(
-        lambda: len(running(url)) == 10,
+        lambda: len(running(url)) == 10 and query(url, writing)[0][0] > 0,
         30,
-        "a holds all jobs",
+        "a holds all jobs and has written effects it has not committed",
     )
     a.signal(signal.SIGSTOP)
     wait_until(a.is_stopped, 10, "a is frozen")
